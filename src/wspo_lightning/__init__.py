@@ -1,0 +1,1 @@
+"""Weak-to-strong preference optimisation on PyTorch Lightning."""

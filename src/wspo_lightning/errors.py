@@ -1,0 +1,15 @@
+"""Errors a user can fix: the CLI prints them as one line and exits with code 2."""
+
+
+class InputError(ValueError):
+    """Bad user input: a data file, a config value or a model path.
+
+    The message names where (file, line, field), what was expected and what to do.
+    """
+
+
+def located(path: object, line: int | None, field: str | None, problem: str) -> InputError:
+    """Build an InputError whose message starts with `path:line: field 'x':`."""
+    where = str(path) + (f":{line}" if line is not None else "")
+    what = f" field {field!r}:" if field else ""
+    return InputError(f"{where}:{what} {problem}")
