@@ -146,8 +146,9 @@ def write_tiny_world(out_dir: str | Path, arch: str = "llama", n_train: int = 64
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     write_tiny_model(out / "policy", arch, seed=0, num_layers=2, hidden_size=64, tokenizer=tokenizer)
-    write_tiny_model(out / "weak_base", arch, seed=1, tokenizer=tokenizer)
-    write_tiny_model(out / "weak_aligned", arch, seed=2, tokenizer=tokenizer)
+    # hidden 64: bitsandbytes' CPU 4-bit kernels need dimensions of at least one quantization block
+    write_tiny_model(out / "weak_base", arch, seed=1, num_layers=1, hidden_size=64, tokenizer=tokenizer)
+    write_tiny_model(out / "weak_aligned", arch, seed=2, num_layers=1, hidden_size=64, tokenizer=tokenizer)
     write_jsonl(out / "train.jsonl", preference_records(n_train, seed=0))
     write_jsonl(out / "val.jsonl", preference_records(n_val, seed=1))
     return out
