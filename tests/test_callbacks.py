@@ -1,0 +1,140 @@
+"""Callbacks: gamma schedules (worked numbers, and through a real fit + resume), reward-margin
+distributions (against a recomputation), sample tables and the W&B offline run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from test_fit_e2e import fit, metrics, tiny_config
+from wspo_lightning import losses
+from wspo_lightning.callbacks import GammaSchedule
+from wspo_lightning.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "schedule, expected",
+    [
+        # constant: value at every step
+        (GammaSchedule("constant", value=3.0), [3.0, 3.0, 3.0, 3.0]),
+        # linear_warmup 0 -> 2 over 4 steps: 2*s/4 for s < 4, then 2
+        (GammaSchedule("linear_warmup", value=2.0, start=0.0, warmup_steps=4), [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]),
+        # cosine 0 -> 1 over 4 steps: 1 + (0-1)*(1+cos(pi*s/4))/2 = (1-cos(pi*s/4))/2
+        (GammaSchedule("cosine", value=1.0, start=0.0, total_steps=4),
+         [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(3 * math.pi / 4)) / 2, 1.0, 1.0]),
+        # step: 1 doubled every 2 steps, capped at 4
+        (GammaSchedule("step", value=4.0, start=1.0, every=2, factor=2.0), [1, 1, 2, 2, 4, 4, 4, 4]),
+    ],
+    ids=["constant", "linear_warmup", "cosine", "step"],
+)
+def test_gamma_schedule_values_match_worked_numbers(schedule, expected):
+    got = [schedule.gamma_at(step) for step in range(len(expected))]
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{"kind": "exponential"}, {"value": float("nan")}, {"every": 0}],
+                         ids=["unknown-kind", "nan-value", "zero-every"])
+def test_gamma_schedule_rejects_bad_settings(kwargs):
+    with pytest.raises(InputError, match="GammaSchedule"):
+        GammaSchedule(**kwargs)
+
+
+def with_schedule(config: Path, schedule: dict) -> Path:
+    """The tiny config with its GammaSchedule replaced by `schedule` (init_args)."""
+    data = yaml.safe_load(config.read_text())
+    for callback in data["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("GammaSchedule"):
+            callback["init_args"] = schedule
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_gamma_schedule_drives_the_loss_and_survives_resume(tiny_world, tmp_path):
+    """gamma logged at step s is the schedule's value; a run resumed from a checkpoint at step 4
+    continues the schedule where it stopped (it is a function of the restored global step)."""
+    schedule = {"kind": "linear_warmup", "start": 0.0, "value": 2.0, "warmup_steps": 6}
+    expected = [GammaSchedule(**schedule).gamma_at(s) for s in range(8)]
+
+    full = fit(with_schedule(tiny_config(tiny_world, tmp_path / "full"), schedule), "--trainer.max_steps=8",
+               "--trainer.limit_val_batches=0")
+    assert metrics(full)["train/wspo/gamma"] == pytest.approx(expected)
+    # gamma = 0 at step 0 with policy == reference: the loss is exactly 0
+    assert metrics(full)["train/loss"][0] == 0.0
+
+    config = with_schedule(tiny_config(tiny_world, tmp_path / "resumed"), schedule)
+    first = fit(config, "--trainer.max_steps=4", "--trainer.limit_val_batches=0")
+    checkpoint = Path(first.trainer.checkpoint_callback.last_model_path)
+    resumed = fit(config, "--trainer.max_steps=8", "--trainer.limit_val_batches=0", f"--ckpt_path={checkpoint}")
+    assert metrics(resumed)["train/wspo/gamma"] == pytest.approx(expected[4:])
+
+
+def test_reward_margin_logger_matches_a_recomputation_on_the_validation_pairs(tiny_world, tmp_path):
+    cli = fit(tiny_config(tiny_world, tmp_path / "run"), "--trainer.max_epochs=1")
+    logged = metrics(cli)
+    model, data = cli.model, cli.datamodule
+    margins = {"weak": [], "strong": []}
+    with torch.no_grad():
+        for batch in data.val_dataloader():
+            n = batch["chosen_input_ids"].shape[0]
+            for part in ("chosen", "rejected"):
+                lp = model._all_logps(batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"],
+                                      batch[f"{part}_labels"])
+                weak = losses.implicit_reward(lp["weak_aligned"], lp["weak_base"], lp["mask"])
+                strong = losses.implicit_reward(lp["policy"], lp["reference"], lp["mask"])
+                sign = 1 if part == "chosen" else -1
+                for kind, reward in (("weak", weak), ("strong", strong)):
+                    if part == "chosen":
+                        margins[kind].append(reward.clone())
+                    else:
+                        margins[kind][-1] += sign * reward
+            assert n == margins["weak"][-1].shape[0]
+    for kind in ("weak", "strong"):
+        margin = torch.cat(margins[kind])
+        assert logged[f"val/rewards/{kind}_margin"][-1] == pytest.approx(float(margin.mean()), abs=1e-4)
+        assert logged[f"val/rewards/{kind}_accuracy"][-1] == pytest.approx(float((margin > 0).float().mean()))
+        assert logged[f"val/rewards/{kind}_margin_q50"][-1] == pytest.approx(float(margin.quantile(0.5)), abs=1e-4)
+
+
+def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    wandb_config = tmp_path / "wandb.yaml"
+    wandb_config.write_text((ROOT / "configs" / "wandb_logger.yaml").read_text().replace(
+        "save_dir: runs", f"save_dir: {tmp_path / 'wandb_runs'}"))
+    fit(tiny_config(tiny_world, tmp_path / "run"), "--config", str(wandb_config), "--trainer.max_epochs=1")
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb_runs" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    # The run log is protobuf records; keys and JSON values are stored as plain UTF-8 bytes.
+    record_log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (b"val/rewards/strong_margin", b"train/wspo/delta_weak", b"val/hist/strong_margin",
+                b"val/rewards/weak_margin_q50", b'"histogram"'):
+        assert key in record_log, key
+    tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
+    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "weak_reward"]
+
+
+def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path):
+    cli = fit(tiny_config(tiny_world, tmp_path / "run"), "--trainer.max_epochs=1")
+    sample_files = sorted((Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl"))
+    rows = [json.loads(line) for line in sample_files[-1].read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == cli.datamodule.prompts("val", 2)
+    # recompute the weak reward of the first completion from its text
+    tokenizer, model = cli.datamodule.tokenizer, cli.model
+    prompt_ids = tokenizer(rows[0]["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
+    completion_ids = tokenizer(rows[0]["completion"], add_special_tokens=False, return_tensors="pt").input_ids
+    assert completion_ids.shape[1] > 0
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    labels = ids.clone()
+    labels[:, : prompt_ids.shape[1]] = losses.IGNORE_INDEX
+    expected = model.weak_reward(ids, torch.ones_like(ids), labels)
+    assert rows[0]["weak_reward"] == pytest.approx(float(expected[0]), abs=1e-3)
