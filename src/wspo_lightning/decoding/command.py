@@ -1,0 +1,245 @@
+"""`wspo generate`: answer the prompts of a JSONL file by plain sampling, proxy / EFT sampling or
+chunk-level beam search, write JSONL (prompt, completion, score, settings), and optionally report a
+gold reward. Flags and `--config gen.yaml` both work; `--print_config` shows the full config.
+
+Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
+
+    # the frozen model that writes the responses (a ModelSpec: path, dtype, quantization, ...)
+    strong:
+      path: tiny/policy
+    # the weak pair: scores CBS candidates, shifts proxy logits; optional for method: sample
+    weak_base:
+      path: tiny/weak_base
+    weak_aligned:
+      path: tiny/weak_aligned
+    # JSONL with a `prompt` string per line (preference files work: other fields are ignored)
+    prompts: tiny/val.jsonl
+    # where to write one JSON line per prompt
+    output: tiny/generations.jsonl
+    # sample | proxy | cbs
+    method: cbs
+    # CBS: W beams kept, K continuations of L tokens sampled from each
+    beam_width: 4
+    num_continuations: 4
+    chunk_length: 10
+    # proxy: weight of the weak log-ratio added to the strong logits (0: plain sampling)
+    alpha: 1.0
+    # sampling: temperature (0: greedy), nucleus mass, length limit, stop strings
+    temperature: 1.0
+    top_p: 1.0
+    max_new_tokens: 64
+    stop: []
+    # seed of the sampling RNG (null: unseeded)
+    seed: 0
+    # prompts decoded together (CBS runs batch_size * W * K rows)
+    batch_size: 4
+    # gold reward to report: null, vader, or an import path such as my_pkg.rewards.MyReward
+    reward: vader
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from wspo_lightning.errors import InputError, located
+from wspo_lightning.models import ModelSpec
+
+REWARDS = {"vader": "wspo_lightning.rewards.VaderReward"}
+
+
+@dataclass
+class GenerateConfig:
+    """Decode prompts with the strong model, alone or steered by a weak pair."""
+
+    strong: ModelSpec
+    """The frozen strong model that writes the responses."""
+    prompts: str
+    """JSONL file with a `prompt` string on every line."""
+    output: str = "generations.jsonl"
+    """Output JSONL: prompt, completion, score, finished, reward (if asked) and settings per line."""
+    weak_base: ModelSpec | None = None
+    """Weak model before alignment (needed by proxy and cbs)."""
+    weak_aligned: ModelSpec | None = None
+    """Weak model after alignment (needed by proxy and cbs)."""
+    method: Literal["sample", "proxy", "cbs"] = "cbs"
+    """sample: the strong model alone; proxy: logits shifted by alpha * weak log-ratio; cbs: chunk-level beam search."""
+    beam_width: int = 4
+    """CBS: W, beams kept per prompt."""
+    num_continuations: int = 4
+    """CBS: K, continuations sampled from every beam per round."""
+    chunk_length: int = 10
+    """CBS: L, tokens per continuation (1: token-level search)."""
+    alpha: float = 1.0
+    """Proxy: weight of log pi_weak_aligned - log pi_weak_base (0: plain sampling)."""
+    temperature: float = 1.0
+    """Sampling temperature (0: greedy)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    max_new_tokens: int = 128
+    """Length limit of a response, in strong-model tokens."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a response ends at the first one (which is cut from the completion)."""
+    seed: int | None = 0
+    """Seed of the sampling RNG (null: unseeded). Results depend on batch_size too."""
+    batch_size: int = 8
+    """Prompts decoded together."""
+    chat_template: bool = True
+    """Wrap each prompt as a user turn of each tokenizer's chat template (if it has one)."""
+    limit: int | None = None
+    """Only the first `limit` prompts."""
+    reward: str | None = None
+    """Gold reward reported per response and on average: null, `vader`, or an import path of a reward class."""
+    device: str | None = None
+    """cpu, cuda, cuda:1, ... (null: cuda when available)."""
+
+    def __post_init__(self) -> None:
+        positive = {"beam_width": " (W)", "num_continuations": " (K)", "chunk_length": " (L)",
+                    "max_new_tokens": "", "batch_size": ""}
+        for name, letter in positive.items():
+            if getattr(self, name) < 1:
+                raise InputError(f"generate: {name}{letter} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature >= 0:
+            raise InputError(f"generate: temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"generate: top_p must be in (0, 1], got {self.top_p}")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"generate: limit must be >= 1 or null, got {self.limit}")
+        if (self.weak_base is None) != (self.weak_aligned is None):
+            raise InputError("generate: weak_base and weak_aligned go together: give both or neither")
+        if self.method in ("proxy", "cbs") and self.weak_base is None:
+            raise InputError(f"generate: method {self.method} needs weak_base and weak_aligned")
+
+    def settings(self) -> dict:
+        """The decoding settings written next to every output line."""
+        out = {"method": self.method, "strong": self.strong.path,
+               "weak_base": self.weak_base.path if self.weak_base else None,
+               "weak_aligned": self.weak_aligned.path if self.weak_aligned else None,
+               "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+               "stop": self.stop, "seed": self.seed, "chat_template": self.chat_template}
+        if self.method == "cbs":
+            out.update(beam_width=self.beam_width, num_continuations=self.num_continuations,
+                       chunk_length=self.chunk_length)
+        if self.method == "proxy":
+            out["alpha"] = self.alpha
+        return out
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
+    """Records of a JSONL file, each with a non-empty `prompt` string (other fields kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: prompts file not found (JSONL with a `prompt` field per line)")
+    records = []
+    with path.open() as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise located(path, line_no, None, f"not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise located(path, line_no, "prompt", "expected an object with a `prompt` string")
+            if not record["prompt"].strip():
+                raise located(path, line_no, "prompt", "is empty")
+            records.append(record)
+            if limit is not None and len(records) >= limit:
+                break
+    if not records:
+        raise InputError(f"{path}: no prompts (expected JSONL with a `prompt` field per line)")
+    return records
+
+
+def load_reward(name: str):
+    """A gold reward (`wspo_lightning.rewards.Reward`) by short name or import path."""
+    target = REWARDS.get(name, name)
+    module_name, _, attr = target.replace(":", ".").rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr) if module_name else None
+    except (ImportError, AttributeError) as err:
+        raise InputError(f"generate: reward {name!r}: cannot import {target} ({err})") from err
+    if obj is None:
+        raise InputError(f"generate: reward {name!r}: expected vader or an import path like pkg.module.Reward")
+    return obj() if isinstance(obj, type) else obj
+
+
+def build_parser():
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(prog="wspo generate", description=GenerateConfig.__doc__)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (flags after it override it)")
+    parser.add_class_arguments(GenerateConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wspo generate [--config gen.yaml] [--flag value ...]`; returns the exit code."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    values = parser.instantiate(namespace).as_dict() if hasattr(parser, "instantiate") else None
+    if values is None:  # jsonargparse < 4.49
+        values = parser.instantiate_classes(namespace).as_dict()
+    values.pop("config", None)
+    config = GenerateConfig(**values)
+    generate(config)
+    return 0
+
+
+def generate(config: GenerateConfig) -> list[dict]:
+    """Run `config`: read prompts, load models, decode, score, write `config.output`; returns the records."""
+    from tqdm.auto import tqdm
+
+    from wspo_lightning.decoding.runner import Decoder
+    from wspo_lightning.models import check_model_path
+
+    records = read_prompts(config.prompts, config.limit)  # bad input fails before any model loads
+    for role in ("strong", "weak_base", "weak_aligned"):
+        if getattr(config, role) is not None:
+            check_model_path(getattr(config, role), role)
+    reward = load_reward(config.reward) if config.reward else None
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    decoder = Decoder(config, device)
+    settings = config.settings()
+    out = []
+    with tqdm(total=len(records), desc=f"generate ({config.method})", unit="prompt", dynamic_ncols=True) as bar:
+        for first in range(0, len(records), config.batch_size):
+            batch = records[first: first + config.batch_size]
+            prompts = [r["prompt"] for r in batch]
+            completions, scores, finished = decoder(prompts)
+            rewards = reward(prompts, completions) if reward is not None else [None] * len(batch)
+            for record, completion, score, end, value in zip(batch, completions, scores, finished, rewards):
+                row = {"id": record["id"]} if "id" in record else {}
+                row.update(prompt=record["prompt"], completion=completion, score=score, finished=end)
+                if reward is not None:
+                    row["reward"] = float(value)
+                row["settings"] = settings
+                out.append(row)
+            bar.update(len(batch))
+    _write_jsonl(config.output, out)
+    _report(config, out)
+    return out
+
+
+def _write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _report(config: GenerateConfig, rows: list[dict]) -> None:
+    print(f"wrote {len(rows)} generations ({config.method}) to {config.output}")
+    scores = [r["score"] for r in rows if r["score"] is not None]
+    if scores:
+        print(f"mean weak score: {sum(scores) / len(scores):.4f}")
+    if config.reward:
+        rewards = [r["reward"] for r in rows]
+        print(f"mean reward ({config.reward}): {sum(rewards) / len(rewards):.4f}")

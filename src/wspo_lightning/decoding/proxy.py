@@ -1,0 +1,115 @@
+"""Plain and proxy / EFT sampling from the strong model, with KV caches for all three models.
+
+Proxy sampling (arXiv 2405.19262, DESIGN.md section 2) shifts the strong model's next-token logits by
+the weak pair's log-ratio, `log pi_strong + alpha * (log pi_weak_aligned - log pi_weak_base)`, then
+applies the usual temperature and top-p. It needs one vocabulary shared by all three models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from wspo_lightning.decoding.sampling import KVState, StopChecker, check_sampling, draw, eos_ids, make_generator, warp
+
+
+def proxy_logits(strong: Tensor, weak_aligned: Tensor | None, weak_base: Tensor | None, alpha: float) -> Tensor:
+    """Next-token scores [rows, vocab] = strong logits + alpha * (log pi_weak_aligned - log pi_weak_base).
+
+    Raw strong logits stand in for `log pi_strong`: they differ by a per-row constant, which neither
+    softmax, temperature nor top-p sees, and alpha = 0 then gives the strong logits bit for bit.
+    Vocabularies are cut to the smallest logits width (checkpoints pad their embeddings differently).
+    """
+    if alpha == 0:
+        return strong
+    vocab = min(strong.shape[-1], weak_aligned.shape[-1], weak_base.shape[-1])
+    shift = torch.log_softmax(weak_aligned[:, :vocab], -1) - torch.log_softmax(weak_base[:, :vocab], -1)
+    return strong[:, :vocab] + alpha * shift.to(strong.device)
+
+
+@torch.no_grad()
+def proxy_sample(
+    strong,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    weak_aligned=None,
+    weak_base=None,
+    *,
+    alpha: float = 1.0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 128,
+    num_samples: int = 1,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    return_ended_at: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Sample continuations of left-padded prompts; returns the new tokens [rows, generated].
+
+    Args:
+        strong, weak_aligned, weak_base: causal LMs over one vocabulary (the weak pair may be None when alpha = 0).
+        input_ids, attention_mask: [rows, prompt tokens], left-padded (0 in the mask marks padding).
+        alpha: weight of the weak log-ratio; 0 is plain sampling from `strong`.
+        temperature, top_p: applied to the combined scores (temperature 0: greedy).
+        max_new_tokens: length limit.
+        num_samples: continuations per prompt, as rows prompt * num_samples + i (each prompt is encoded
+            once and its cache repeated).
+        eos_token_id: ids that end a row (default: the strong model's generation config).
+        pad_token_id: fills rows after they end (default: the model's pad id, else the first EOS id).
+        stop_strings: a row also ends when its text ends with one of these (needs `tokenizer`).
+        seed / generator: randomness; neither means torch's global RNG. Draws consume it exactly as
+            `strong.generate(do_sample=True, top_k=0)` does, so equal seeds give equal tokens at alpha 0.
+        return_ended_at: also return, per row, the index of the token that ended it (-1: cut at the limit).
+    """
+    check_sampling(temperature, top_p, max_new_tokens)
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if alpha != 0 and (weak_aligned is None or weak_base is None):
+        raise ValueError(f"alpha={alpha} needs both weak_aligned and weak_base models (alpha=0 is plain sampling)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    eos = eos_ids(strong, tokenizer, eos_token_id)
+    if pad_token_id is None:
+        pad_token_id = getattr(strong.generation_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    stopper = StopChecker(eos, tokenizer, stop_strings)
+    models = [strong] + ([weak_aligned, weak_base] if alpha != 0 else [])
+    states = [KVState(model) for model in models]
+    device = states[0].device  # tokens, draws and bookkeeping live with the strong model
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    generator = generator if generator is not None else make_generator(seed, device)
+
+    logits = [state.prefill(input_ids.to(state.device), attention_mask.to(state.device))
+              for state in states]  # each [prompts, vocab]
+    if num_samples > 1:
+        repeat = torch.arange(input_ids.shape[0], device=device).repeat_interleave(num_samples)
+        for state in states:
+            state.select(repeat.to(state.device))
+        logits = [row_logits[repeat.to(row_logits.device)] for row_logits in logits]
+    rows = input_ids.shape[0] * num_samples
+    tokens = input_ids.new_zeros((rows, 0))  # [rows, generated]
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    ended_at = torch.full((rows,), -1, dtype=torch.long, device=device)
+    for step in range(max_new_tokens):
+        scores = proxy_logits(logits[0], *(logits[1:] if alpha != 0 else (None, None)), alpha)
+        token = draw(warp(scores, temperature, top_p), temperature, generator)
+        token = torch.where(done, pad_token_id, token)
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        ended, _ = stopper(tokens)
+        ended_at = torch.where(ended & ~done, step, ended_at)
+        done |= ended
+        if bool(done.all()) or step == max_new_tokens - 1:
+            break
+        logits = [state.extend(token[:, None].to(state.device)) for state in states]
+    return (tokens, ended_at) if return_ended_at else tokens
+
+
+def sample(model, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+    """Plain sampling from `model`: `proxy_sample` with alpha = 0 (same arguments, same RNG use)."""
+    return proxy_sample(model, input_ids, attention_mask, alpha=0.0, **kwargs)

@@ -1,0 +1,70 @@
+"""Loads the models a `GenerateConfig` names and decodes batches of prompt text with its method."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from wspo_lightning.decoding.cbs import chunk_beam_search
+from wspo_lightning.decoding.proxy import proxy_sample
+from wspo_lightning.decoding.sampling import (
+    encode_prompts, eos_ids, left_pad, make_generator, response_tokens, truncate_at_stop,
+)
+from wspo_lightning.decoding.scorer import WeakPairScorer
+from wspo_lightning.models import check_same_vocabulary, load_model, load_tokenizer
+
+
+class Decoder:
+    """`decoder(prompts) -> (completions, weak scores or None, finished flags)` for one config."""
+
+    def __init__(self, config, device: torch.device) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.strong)
+        self.scorer: WeakPairScorer | None = None
+        self.shared_vocab = True
+        if config.weak_base is not None:
+            weak_tokenizer = load_tokenizer(config.weak_base)
+            check_same_vocabulary({"weak_base": weak_tokenizer, "weak_aligned": load_tokenizer(config.weak_aligned)})
+            if config.method == "proxy":  # per-token logits need one vocabulary
+                check_same_vocabulary({"strong": self.tokenizer, "weak_base": weak_tokenizer})
+            self.shared_vocab = weak_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            self.scorer = WeakPairScorer(load_model(config.weak_aligned, device=device),
+                                         load_model(config.weak_base, device=device), weak_tokenizer,
+                                         config.chat_template, batch_size=config.batch_size)
+        self.strong = load_model(config.strong, device=device)
+        self.device = device
+        self.generator = make_generator(config.seed, device)
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[list[str], list[float | None], list[bool]]:
+        c = self.config
+        if c.method == "cbs":
+            results = chunk_beam_search(
+                self.strong, self.tokenizer, self.scorer.weak_aligned, self.scorer.weak_base, self.scorer.tokenizer,
+                prompts, beam_width=c.beam_width, num_continuations=c.num_continuations, chunk_length=c.chunk_length,
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, stop_strings=c.stop,
+                chat_template=c.chat_template, generator=self.generator)
+            return [r.completion for r in results], [r.score for r in results], [r.finished for r in results]
+        return self._sample(prompts)
+
+    def _sample(self, prompts: Sequence[str]) -> tuple[list[str], list[float | None], list[bool]]:
+        c = self.config
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids, attention_mask = left_pad(encode_prompts(self.tokenizer, prompts, c.chat_template), pad, self.device)
+        weak = (self.scorer.weak_aligned, self.scorer.weak_base) if c.method == "proxy" else (None, None)
+        tokens, ended_at = proxy_sample(
+            self.strong, input_ids, attention_mask, *weak, alpha=c.alpha if c.method == "proxy" else 0.0,
+            temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, pad_token_id=pad,
+            stop_strings=c.stop, tokenizer=self.tokenizer, generator=self.generator, return_ended_at=True)
+        responses = response_tokens(tokens, ended_at)
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        finished = (ended_at >= 0).tolist()
+        scores: list[float | None] = [None] * len(prompts)
+        if self.scorer is not None:
+            if self.shared_vocab:
+                scores = self.scorer.score_ids(self.scorer.prompt_ids(prompts), responses)
+            else:
+                eos = set(eos_ids(self.strong, self.tokenizer))
+                ended = [bool(r) and r[-1] in eos for r in responses]
+                scores = self.scorer.score(prompts, texts, ended)
+        return [truncate_at_stop(t, c.stop) for t in texts], scores, finished

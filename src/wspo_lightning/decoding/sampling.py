@@ -1,0 +1,186 @@
+"""Pieces shared by the decoders: settings checks, prompt encoding with left padding, a model's
+incremental KV state, and one sampling step that draws random numbers exactly as `generate` does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers.generation.stopping_criteria import StopStringCriteria
+
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """Raise ValueError naming the first bad sampling setting."""
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def eos_ids(model, tokenizer=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
+    """The ids that end a response: given ones, else the model's generation config, else the tokenizer's."""
+    if eos_token_id is None:
+        config = getattr(model, "generation_config", None)
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return []
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+
+
+def format_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[str]:
+    """Each prompt as one user turn through the tokenizer's chat template (when it has one and asked)."""
+    if not chat_template or not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each prompt. A templated prompt carries its own special tokens; raw text gets the
+    tokenizer's usual ones (a BOS for Llama-style tokenizers)."""
+    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
+    texts = format_prompts(tokenizer, prompts, chat_template)
+    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
+    for i, row in enumerate(ids):
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenisation: a model needs at least one prompt token")
+    return [list(row) for row in ids]
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists: (input_ids [rows, width], attention_mask [rows, width], 0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def warp(logits: Tensor, temperature: float, top_p: float) -> Tensor:
+    """Temperature then nucleus filtering, with transformers' own warpers (same order as `generate`)."""
+    if temperature not in (0, 1):
+        logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1:
+        logits = TopPLogitsWarper(top_p)(None, logits)
+    return logits
+
+
+def draw(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """One token per row from warped scores [rows, vocab]. `torch.multinomial(softmax, 1)` per step is
+    exactly `generate(do_sample=True)`'s draw, so equal seeds give equal tokens; temperature 0 is argmax."""
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
+    """A private generator seeded with `seed` (None: use torch's global RNG, as `generate` does)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+class StopChecker:
+    """Which rows have just ended: an EOS id as the last token, or text ending in a stop string."""
+
+    def __init__(self, eos: Sequence[int], tokenizer=None, stop: Sequence[str] = ()) -> None:
+        self.eos = list(eos)
+        self.stop = [s for s in stop if s]
+        if self.stop and tokenizer is None:
+            raise ValueError("stop strings need the tokenizer")
+        self._strings = StopStringCriteria(tokenizer, self.stop) if self.stop else None
+
+    def __call__(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens: [rows, generated so far]. Returns (ended [rows], by_eos [rows])."""
+        last = tokens[:, -1]
+        by_eos = torch.zeros_like(last, dtype=torch.bool)
+        for i in self.eos:
+            by_eos |= last == i
+        ended = by_eos.clone()
+        if self._strings is not None:
+            ended |= self._strings(tokens, None).to(ended.device)
+        return ended, by_eos
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut `text` before the first stop string (the OpenAI / vLLM convention)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def response_tokens(tokens: Tensor, ended_at: Tensor) -> list[list[int]]:
+    """Each row's generated ids up to and including the token that ended it (`ended_at[row]`, -1: none)."""
+    out = []
+    for row, end in zip(tokens.tolist(), ended_at.tolist()):
+        out.append(row if end < 0 else row[: end + 1])
+    return out
+
+
+class KVState:
+    """One model's KV cache over a batch of rows, with its 2D attention mask (0 marks padding and
+    hidden entries) and each row's next position id. Rows are reordered or repeated with `select`."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.mask: Tensor | None = None  # [rows, cached tokens]
+        self.next_pos: Tensor | None = None  # [rows]
+        self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @torch.no_grad()
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, last_only: bool = True) -> Tensor:
+        """Encode left-padded prompts; returns float32 logits of the last position [rows, vocab]
+        (or of every position [rows, tokens, vocab]). Position ids as `generate` builds them."""
+        position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        self.mask = attention_mask.long()
+        self.next_pos = attention_mask.long().sum(-1)
+        if input_ids.shape[1] == 0:
+            return input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
+        return self._forward(input_ids, attention_mask.long(), position_ids, last_only)
+
+    @torch.no_grad()
+    def extend(self, tokens: Tensor, token_mask: Tensor | None = None, position_ids: Tensor | None = None,
+               last_only: bool = True) -> Tensor:
+        """Append tokens [rows, n] (token_mask 0: padding inside the block). Positions continue each row
+        unless given. Returns float32 logits as `prefill` does."""
+        rows, n = tokens.shape
+        if token_mask is None:
+            token_mask = torch.ones_like(tokens)
+        if position_ids is None:
+            position_ids = self.next_pos[:, None] + torch.arange(n, device=tokens.device)
+            self.next_pos = self.next_pos + n
+        else:
+            self.next_pos = position_ids[:, -1] + 1
+        self.mask = torch.cat([self.mask, token_mask.long()], dim=1)
+        return self._forward(tokens, self.mask, position_ids, last_only)
+
+    def hide(self, hidden: Tensor) -> None:
+        """Mask cached entries out of attention from now on: hidden [rows, cached tokens] bool."""
+        self.mask = self.mask.masked_fill(hidden, 0)
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (and reorder, or repeat) these rows of the cache, mask and positions."""
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask[rows]
+        self.next_pos = self.next_pos[rows]
+
+    def _forward(self, ids: Tensor, mask: Tensor, position_ids: Tensor, last_only: bool) -> Tensor:
+        kwargs = {"logits_to_keep": 1} if last_only and self._keep_arg else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                         past_key_values=self.cache, use_cache=True, return_dict=True, **kwargs)
+        self.cache = out.past_key_values
+        logits = out.logits[:, -1] if last_only else out.logits
+        return logits.to(dtype=torch.float32, copy=True)

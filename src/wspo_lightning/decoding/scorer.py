@@ -1,0 +1,168 @@
+"""The weak pair as a scorer of responses: `sum_t log pi_weak_aligned(y_t) - log pi_weak_base(y_t)` over
+the response tokens under the weak tokenizer (`reward_weak` of DESIGN.md section 2), computed directly
+or incrementally as responses grow chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from wspo_lightning.decoding.sampling import KVState, encode_prompts, left_pad
+from wspo_lightning.losses import token_logps
+
+
+class WeakPairScorer:
+    """Scores (prompt, response) pairs with a frozen weak pair sharing `tokenizer`.
+
+    Prompts go through the weak tokenizer's chat template (when `chat_template` and it has one);
+    response text is tokenised on its own (no special tokens), plus the weak EOS when the response ended.
+    """
+
+    def __init__(self, weak_aligned, weak_base, tokenizer, chat_template: bool = True, batch_size: int = 16) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.weak_aligned, self.weak_base = weak_aligned, weak_base
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.batch_size = batch_size
+        self.device = next(weak_aligned.parameters()).device
+        # Incremental scoring hides stale cache columns by position; sliding-window caches drop columns
+        # themselves, so weak models with sliding-window attention are rescored from scratch instead.
+        self.incremental = not any(any(DynamicCache(config=m.config).is_sliding) for m in (weak_aligned, weak_base))
+
+    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, prompts, self.chat_template)
+
+    def response_ids(self, responses: Sequence[str], ended: Sequence[bool] | None = None) -> list[list[int]]:
+        ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
+        eos = self.tokenizer.eos_token_id
+        ended = ended if ended is not None else [False] * len(ids)
+        return [list(row) + ([eos] if end and eos is not None else []) for row, end in zip(ids, ended)]
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              ended: Sequence[bool] | None = None) -> list[float]:
+        """reward_weak of each (prompt, response text), recomputed from scratch; `ended`: append the weak EOS."""
+        return self.score_ids(self.prompt_ids(prompts), self.response_ids(responses, ended))
+
+    def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[float]:
+        return [sum(row) for row in self.token_deltas(prompt_ids, response_ids)]
+
+    @torch.no_grad()
+    def token_deltas(self, prompt_ids: Sequence[Sequence[int]],
+                     response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+        """delta_weak(t) of every response token, by full forward passes in batches (no cache)."""
+        out: list[list[float]] = []
+        for start in range(0, len(prompt_ids), self.batch_size):
+            prompts = prompt_ids[start: start + self.batch_size]
+            responses = response_ids[start: start + self.batch_size]
+            seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+            width = max(len(s) for s in seqs)
+            ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right-padded [rows, tokens]
+            labels = torch.full_like(ids, -100)  # response tokens only
+            for i, (p, s) in enumerate(zip(prompts, seqs)):
+                ids[i, : len(s)] = torch.tensor(s)
+                labels[i, len(p): len(s)] = torch.tensor(s[len(p):], dtype=torch.long)
+            ids, labels = ids.to(self.device), labels.to(self.device)
+            mask = (torch.arange(width, device=self.device)[None] < torch.tensor([len(s) for s in seqs],
+                                                                                 device=self.device)[:, None]).long()
+            delta = self._logps(self.weak_aligned, ids, mask, labels) - self._logps(self.weak_base, ids, mask, labels)
+            for i, (p, r) in enumerate(zip(prompts, responses)):
+                out.append(delta[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
+        return out
+
+    @staticmethod
+    def _logps(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+        position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+        return token_logps(logits[:, :-1], labels[:, 1:])  # [rows, tokens - 1]
+
+    def start(self, prompt_ids: Sequence[Sequence[int]]) -> WeakPairState:
+        """Incremental scoring state for one row per prompt (empty responses)."""
+        return WeakPairState(self, prompt_ids)
+
+
+class WeakPairState:
+    """The weak pair's KV caches over rows (beams), for scoring responses that grow.
+
+    Row i tracks seq = [last prompt token] + response ids; the caches hold the prompt's other tokens and
+    seq[:-1]. `update` takes each row's new response, finds the longest prefix it shares with the row's
+    previous one, hides cache entries past it and feeds only the rest: with one tokenizer that is just
+    the new chunk; after cross-tokenizer re-tokenisation that changed earlier tokens, a little more.
+    """
+
+    def __init__(self, scorer: WeakPairScorer, prompt_ids: Sequence[Sequence[int]]) -> None:
+        self.prompt_len = [len(p) for p in prompt_ids]
+        ids, mask = left_pad([p[:-1] for p in prompt_ids], 0, scorer.device)
+        self.models = [KVState(scorer.weak_aligned), KVState(scorer.weak_base)]
+        for state in self.models:
+            state.prefill(ids, mask)
+        self.seqs = [[p[-1]] for p in prompt_ids]
+        self.cols: list[list[int]] = [[] for _ in prompt_ids]  # cache column of seq[j], j < len(seq) - 1
+        self.deltas: list[list[float]] = [[] for _ in prompt_ids]  # delta_weak of each response token
+
+    def select(self, rows: Tensor) -> None:
+        """Keep (reorder, repeat) these rows."""
+        for state in self.models:
+            state.select(rows)
+        index = rows.tolist()
+        self.prompt_len = [self.prompt_len[i] for i in index]
+        self.seqs = [self.seqs[i] for i in index]
+        self.cols = [self.cols[i] for i in index]
+        self.deltas = [self.deltas[i] for i in index]
+
+    def scores(self) -> list[float]:
+        return [sum(row) for row in self.deltas]
+
+    @torch.no_grad()
+    def update(self, responses: Sequence[Sequence[int]]) -> list[float]:
+        """Set each row's response (weak token ids) and return its reward_weak."""
+        width_old = self.models[0].mask.shape[1]
+        new_seqs, starts, feeds = [], [], []
+        for old, response in zip(self.seqs, responses):
+            new = old[:1] + list(response)
+            start = len(old) - 1 if new[: len(old)] == old else _common_prefix(old, new) - 1
+            new_seqs.append(new)
+            starts.append(start)
+            feeds.append(new[start:-1])  # predicts new[start + 1:]
+        self._feed(new_seqs, starts, feeds, max(len(f) for f in feeds), width_old)
+        self.seqs = new_seqs
+        return self.scores()
+
+    def _feed(self, new_seqs, starts, feeds, width: int, width_old: int) -> None:
+        device = self.models[0].mask.device
+        hidden = torch.zeros((len(feeds), width_old), dtype=torch.bool)
+        tokens = torch.zeros((len(feeds), width), dtype=torch.long)  # right-padded block [rows, width]
+        token_mask = torch.zeros_like(tokens)
+        labels = torch.full_like(tokens, -100)
+        for i, (seq, start, feed) in enumerate(zip(new_seqs, starts, feeds)):
+            hidden[i, self.cols[i][start:]] = True  # stale entries past the shared prefix
+            if feed:
+                tokens[i, : len(feed)] = torch.tensor(feed)
+                token_mask[i, : len(feed)] = 1
+                labels[i, : len(feed)] = torch.tensor(seq[start + 1:])
+        first = torch.tensor([p - 1 + s for p, s in zip(self.prompt_len, starts)])
+        position_ids = (first[:, None] + torch.arange(width)[None]).to(device)
+        tokens, token_mask, labels = tokens.to(device), token_mask.to(device), labels.to(device)
+        logps = []
+        for state in self.models:
+            state.hide(hidden.to(device))
+            if width:  # else nothing to feed: rows only kept or shortened their responses
+                logits = state.extend(tokens, token_mask, position_ids, last_only=False)  # [rows, width, vocab]
+                logps.append(token_logps(logits, labels))
+        delta = (logps[0] - logps[1]).tolist() if width else [[] for _ in feeds]  # [rows, width]
+        for i, (start, feed) in enumerate(zip(starts, feeds)):
+            self.deltas[i] = self.deltas[i][:start] + delta[i][: len(feed)]
+            self.cols[i] = self.cols[i][:start] + list(range(width_old, width_old + len(feed)))
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
