@@ -9,7 +9,8 @@ import pytest
 from wspo_lightning.cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "demo" not in p.parts)
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"demo", "generate"} & set(p.parts))
+GENERATE_CONFIGS = sorted((ROOT / "configs" / "generate").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(p.relative_to(ROOT)) for p in CONFIGS])
@@ -34,3 +35,13 @@ def test_fsdp_recipe_wraps_and_checkpoints_qwen2_decoder_layers():
     strategy = parser.instantiate(parser.parse_object({"strategy": recipe["trainer"]["strategy"]})).strategy
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
     assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
+
+
+@pytest.mark.parametrize("config", GENERATE_CONFIGS, ids=[p.name for p in GENERATE_CONFIGS])
+def test_shipped_generate_config_parses_and_prints(config, capsys):
+    from wspo_lightning.decoding.command import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--config", str(config), "--print_config"])
+    assert done.value.code in (0, None)
+    assert "beam_width:" in capsys.readouterr().out
