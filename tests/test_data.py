@@ -231,6 +231,16 @@ def test_val_path_replaces_the_split_and_no_validation_gives_an_empty_loader(tmp
     assert make_dm(train, tokenizers["chat"], val_fraction=0).val_dataloader() == []
 
 
+def test_test_loader_reads_test_path_or_else_the_validation_data(tmp_path, tokenizers):
+    train = write_jsonl(tmp_path / "train.jsonl", preference_records(8))
+    test = write_jsonl(tmp_path / "test.jsonl", preference_records(3, seed=2))
+    dm = make_dm(train, tokenizers["chat"], val_fraction=0.25, test_path=str(test), eval_batch_size=2)
+    assert [b["ids"] for b in dm.test_dataloader()] == [["toy-2-0", "toy-2-1"], ["toy-2-2"]]
+    assert dm.prompts("test", 1) == [render_prompt(preference_records(1, seed=2)[0]["prompt"], dm.tokenizer, True)]
+    fallback = make_dm(train, tokenizers["chat"], val_fraction=0.25)
+    assert [i for b in fallback.test_dataloader() for i in b["ids"]] == [r["id"] for r in fallback.val_records]
+
+
 def test_saved_dataset_dict_gives_train_and_validation_splits(tmp_path, tokenizers):
     import datasets
 

@@ -1,14 +1,17 @@
 """Preference data: read and validate records, render prompts, tokenize with exact masks, batch.
 
 `load_records` checks a file with no tokenizer (the CLI calls it before any model loads);
-`PreferenceDataModule` adds prompt templates, tokenisation, the train/val split and the loaders.
+`PreferenceDataModule` adds prompt templates, tokenisation, the train/val split and the loaders,
+whose training order resumes exactly mid-epoch (`ResumableDataLoader`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Sampler
 
 from wspo_lightning.errors import InputError, located
+from wspo_lightning.models import load_tokenizer
 
 log = logging.getLogger(__name__)
 _info = rank_zero_only(log.info)
@@ -49,7 +53,7 @@ def load_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     """
     path = Path(path)
     if not path.exists():
-        raise located(path, None, None, "file not found. Check train_path / val_path.")
+        raise located(path, None, None, "file not found. Check data.train_path / val_path / test_path.")
     if path.is_file() and path.stat().st_size == 0:
         raise located(path, None, None, "the file is empty. Point to a file holding records.")
     rows = _read_rows(path, split)
@@ -230,25 +234,6 @@ def _describe(value: Any) -> str:
 
 # ----------------------------------------------------------------------------- templates + tokens
 
-def _load_tokenizer(path: str, trust_remote_code: bool = False) -> Any:
-    """AutoTokenizer from a local path or hub id; a missing pad token becomes eos (with a warning)."""
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise InputError(f"tokenizer {path!r}: cannot load ({err}). Give a directory holding tokenizer "
-                         "files (tokenizer.json, tokenizer_config.json) or a hub id.") from None
-    if tokenizer.eos_token_id is None:
-        raise InputError(f"tokenizer {path!r} has no eos token, so responses cannot end. "
-                         "Set eos_token in its tokenizer_config.json.")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-        _warn("tokenizer %s has no pad token: padding with eos %r (labels mask padding, so eos is still learned)",
-              path, tokenizer.eos_token)
-    return tokenizer
-
-
 def render_prompt(prompt: str | list[dict], tokenizer: Any, chat: bool, prompt_template: str = "{prompt}") -> str:
     """The prompt text the model sees, ending where the response begins.
 
@@ -345,8 +330,8 @@ class SeededSampler(Sampler[int]):
 
     With `group_size`, indices are sorted by length (longest first) within consecutive groups of
     the permutation, so batches hold similar lengths and need less padding. Lightning calls
-    `set_epoch` each epoch and shards this order across ranks under DDP. A resume from a mid-epoch
-    checkpoint starts that epoch's order afresh (Lightning warns: the loader keeps no position).
+    `set_epoch` each epoch and shards this order across ranks under DDP; `ResumableDataLoader`
+    continues it mid-epoch after a resume.
     """
 
     def __init__(self, lengths: Sequence[int], seed: int, group_size: int | None = None) -> None:
@@ -367,6 +352,108 @@ class SeededSampler(Sampler[int]):
         return iter(order)
 
 
+@dataclass
+class LoaderPosition:
+    """Where the training loader is: the sampler's `epoch` and the `batches` of it handed out so far.
+
+    Shared by the data module and its training loaders: Lightning may rebuild a loader (to add a
+    distributed sampler), and when `configure_optimizers` reads `trainer.estimated_stepping_batches`
+    it never hands the loader its checkpointed state (Lightning issue #20550), so the data module's
+    own `state_dict` carries the position too. Loading the same state twice is harmless.
+    """
+
+    epoch: int | None = None
+    batches: int = 0
+    resume: tuple[int | None, int] | None = None  # (epoch, batches) the next iteration continues from
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.batches = state["epoch"], int(state["batches"])
+        self.resume = (self.epoch, self.batches)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that resumes exactly mid-epoch: after `load_state_dict`, the iteration of the
+    saved epoch skips the batches already trained on, before any is fetched or collated.
+
+    It counts the batches it hands out (not those its workers prefetch). Its iterator starts lazily,
+    on the first `next()`, so the sampler's epoch is the one Lightning set for this epoch even with
+    workers that prefetch. The state is `{epoch, batches}`; skipping applies only when the resumed
+    iteration has the saved epoch (a checkpoint taken at an epoch's end resumes with the next one),
+    and after sharding, so under DDP each rank skips its own batches. `len()` stays the whole epoch,
+    as Lightning counts batches from the epoch's start.
+    """
+
+    def __init__(self, *args: Any, position: LoaderPosition | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position if position is not None else LoaderPosition()
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position.load_state_dict(state)
+
+    @property
+    def _index_sampler(self):  # read by DataLoader iterators when they start or reset
+        return _SkipFirst(super()._index_sampler, self)
+
+    def __iter__(self):
+        return _LazyCountingIterator(self)
+
+    def _start_epoch(self):
+        position = self.position
+        sampler = getattr(self.batch_sampler, "sampler", self.sampler)  # under DDP: Lightning's wrapper
+        epoch = getattr(sampler, "epoch", None)
+        skip = 0
+        if position.resume is not None:
+            resume_epoch, resume_batches = position.resume
+            position.resume = None
+            skip = resume_batches if resume_epoch == epoch else 0
+        position.epoch, position.batches = epoch, skip
+        self._skip = skip
+        try:
+            return super().__iter__()
+        finally:
+            self._skip = 0
+
+
+class _SkipFirst:
+    """The loader's batch sampler without the first `loader._skip` batches (read when iterated)."""
+
+    def __init__(self, batches: Any, loader: ResumableDataLoader) -> None:
+        self.batches, self.loader = batches, loader
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return itertools.islice(iter(self.batches), self.loader._skip, None)
+
+
+class _LazyCountingIterator:
+    """Starts the loader's epoch on the first `next()` and counts the batches it hands out."""
+
+    def __init__(self, loader: ResumableDataLoader) -> None:
+        self.loader, self.iterator = loader, None
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __next__(self) -> Any:
+        if self.iterator is None:
+            self.iterator = self.loader._start_epoch()
+        batch = next(self.iterator)
+        self.loader.position.batches += 1
+        return batch
+
+
 # ----------------------------------------------------------------------------- the DataModule
 
 class PreferenceDataModule(pl.LightningDataModule):
@@ -374,18 +461,21 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     Everything happens in `setup()`: read and validate records (errors name file, line, field),
     load the tokenizer, render prompts, tokenize, truncate. Batches are dicts (see `collate`).
-    After setup: `tokenizer`, `train_records` / `val_records` (records of `load_records` plus
-    `prompt_text`, the rendered prompt), `truncation_stats` and `prompts()`.
+    After setup: `tokenizer`, `train_records` / `val_records` / `test_records` (records of
+    `load_records` plus `prompt_text`, the rendered prompt), `truncation_stats` and `prompts()`.
+    The training loader's position is part of the checkpoint (`state_dict`), so `--ckpt_path`
+    resumes mid-epoch with the very next batch.
 
     Args:
         train_path: training data: .jsonl, .json, .parquet or a save_to_disk directory ('train' split).
         tokenizer: tokenizer directory or hub id, loaded with AutoTokenizer.
         val_path: validation data, same formats ('validation', else 'test' split); None: use val_fraction.
         val_fraction: share of training records held out for validation without val_path; 0: none.
+        test_path: data for `wspo test`, same formats ('test' split); None: test on the validation data.
         max_length: most tokens of prompt plus response; longer records lose prompt tokens from the
             left first, then response tokens from the right.
         batch_size: training records per batch (per device).
-        eval_batch_size: validation records per batch; None uses `batch_size`.
+        eval_batch_size: validation and test records per batch; None uses `batch_size`.
         num_workers: DataLoader worker processes.
         use_chat_template: render prompts with the tokenizer's chat template when it has one.
         prompt_template: plain template with a `{prompt}` field, used without a chat template.
@@ -395,9 +485,10 @@ class PreferenceDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, train_path: str, tokenizer: str, val_path: str | None = None, val_fraction: float = 0.1,
-                 max_length: int = 512, batch_size: int = 8, eval_batch_size: int | None = None, num_workers: int = 0,
-                 use_chat_template: bool = True, prompt_template: str = "{prompt}", seed: int = 0,
-                 trust_remote_code: bool = False, group_by_length: bool = False) -> None:
+                 test_path: str | None = None, max_length: int = 512, batch_size: int = 8,
+                 eval_batch_size: int | None = None, num_workers: int = 0, use_chat_template: bool = True,
+                 prompt_template: str = "{prompt}", seed: int = 0, trust_remote_code: bool = False,
+                 group_by_length: bool = False) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise InputError(f"val_fraction={val_fraction}: expected a number in [0, 1).")
@@ -407,7 +498,7 @@ class PreferenceDataModule(pl.LightningDataModule):
                 raise InputError(f"{name}={value}: expected a positive integer.")
         if "{prompt}" not in prompt_template:
             raise InputError(f"prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the prompt text.")
-        self.train_path, self.tokenizer_path, self.val_path = train_path, tokenizer, val_path
+        self.train_path, self.tokenizer_path, self.val_path, self.test_path = train_path, tokenizer, val_path, test_path
         self.val_fraction, self.max_length, self.seed = val_fraction, max_length, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
         self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
@@ -415,64 +506,95 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.tokenizer: Any = None
         self.train_records: list[dict] | None = None
         self.val_records: list[dict] | None = None
+        self.test_records: list[dict] | None = None
         self.truncation_stats: dict = {}
         self._features: dict[str, list[dict]] = {}
+        self.train_position = LoaderPosition()  # shared with every training loader (see LoaderPosition)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_records is not None:  # once per process, whatever the stage
             return
         train = load_records(self.train_path, split="train")
         if self.val_path:
-            val = load_records(self.val_path, split=["validation", "test"])
-            train_ids = {r["id"]: r["source"] for r in train}
-            for record in val:
-                if record["id"] in train_ids:
-                    raise located(record["source"], None, "id", f"id {record['id']!r} is also in the training "
-                                  f"data ({train_ids[record['id']]}). Keep validation records out of training.")
+            val = _held_out(load_records(self.val_path, split=["validation", "test"]), train, "validation")
         else:
             train, val = split_records(train, self.val_fraction, self.seed)
             if not val:
                 _info("no validation data (val_path unset, val_fraction=0): validation is skipped")
+        test = _held_out(load_records(self.test_path, split="test"), train, "test") if self.test_path else []
         if len(train) < self.batch_size:
             raise located(self.train_path, None, None, f"the train split holds {len(train)} records, fewer than "
                           f"one batch (batch_size={self.batch_size}). Add records or lower batch_size"
                           + ("." if self.val_path else " or val_fraction."))
-        tokenizer = _load_tokenizer(self.tokenizer_path, self.trust_remote_code)
+        tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
+        if tokenizer.eos_token_id is None:
+            raise InputError(f"tokenizer: {self.tokenizer_path} has no eos token, so responses cannot end. "
+                             "Set eos_token in its tokenizer_config.json.")
         chat = self.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
-        if not chat:
-            why = "use_chat_template is off" if not self.use_chat_template else "the tokenizer has no chat template"
-            _info("prompts use the plain template %r (%s)", self.prompt_template, why)
-        for record in train + val:
+        if not chat and self.use_chat_template:
+            _warn("the tokenizer has no chat template (%s): prompts use the plain template %r instead "
+                  "(set data.prompt_template; use_chat_template: false silences this)",
+                  self.tokenizer_path, self.prompt_template)
+        elif not chat:
+            _info("prompts use the plain template %r (use_chat_template is off)", self.prompt_template)
+        splits = {"train": train, "val": val, "test": test}
+        for record in train + val + test:
             record["prompt_text"] = render_prompt(record["prompt"], tokenizer, chat, self.prompt_template)
         self._features = {split: tokenize_records(records, tokenizer, self.max_length, chat)
-                          for split, records in (("train", train), ("val", val))}
+                          for split, records in splits.items()}
         stats = {split: sum(f["truncated"] for f in feats) for split, feats in self._features.items()}
-        stats.update(truncated=stats["train"] + stats["val"], total=len(train) + len(val), max_length=self.max_length)
+        stats.update(truncated=sum(stats.values()), total=sum(map(len, splits.values())), max_length=self.max_length)
         if stats["truncated"]:
             _warn("truncated %d of %d records to max_length=%d", stats["truncated"], stats["total"], self.max_length)
         self.truncation_stats = stats
-        self.tokenizer, self.train_records, self.val_records = tokenizer, train, val
+        self.tokenizer, self.train_records, self.val_records, self.test_records = tokenizer, train, val, test
 
     def train_dataloader(self) -> DataLoader:
         features = self._features["train"]
         lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"] or ())) for f in features]
         sampler = SeededSampler(lengths, self.seed, 50 * self.batch_size if self.group_by_length else None)
-        return self._loader(features, self.batch_size, sampler)
+        return self._loader(features, self.batch_size, sampler, position=self.train_position)
 
     def val_dataloader(self) -> DataLoader | list:
         features = self._features["val"]
         # Lightning reads [] as "no validation" (and warns that its length is zero)
         return self._loader(features, self.eval_batch_size, None) if features else []
 
-    def _loader(self, features: list[dict], batch_size: int, sampler: Sampler | None) -> DataLoader:
-        return DataLoader(features, batch_size=batch_size, sampler=sampler, shuffle=False,
-                          collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          pin_memory=torch.cuda.is_available())
+    def test_dataloader(self) -> DataLoader | list:
+        """The test data (`test_path`); without one, the validation data."""
+        features = self._features["test"] if self.test_path else self._features["val"]
+        return self._loader(features, self.eval_batch_size, None) if features else []
+
+    def _loader(self, features: list[dict], batch_size: int, sampler: Sampler | None,
+                position: LoaderPosition | None = None) -> DataLoader:
+        kwargs = dict(batch_size=batch_size, sampler=sampler, shuffle=False,
+                      collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
+        if position is None:
+            return DataLoader(features, **kwargs)
+        return ResumableDataLoader(features, position=position, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self.train_position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_position" in state_dict:
+            self.train_position.load_state_dict(state_dict["train_position"])
 
     def prompts(self, split: str = "val", n: int | None = None) -> list[str]:
-        """The rendered prompts of `split` ('train' or 'val'), the first `n` (all with None)."""
-        records = {"train": self.train_records, "val": self.val_records}[split]
+        """The rendered prompts of `split` ('train', 'val' or 'test'), the first `n` (all with None)."""
+        records = {"train": self.train_records, "val": self.val_records, "test": self.test_records}[split]
         if records is None:
             raise RuntimeError("PreferenceDataModule.prompts() needs setup() first")
         return [r["prompt_text"] for r in records[:n]]
+
+
+def _held_out(records: list[dict], train: list[dict], kind: str) -> list[dict]:
+    """`records` after checking that none shares an id with the training data."""
+    train_ids = {r["id"]: r["source"] for r in train}
+    for record in records:
+        if record["id"] in train_ids:
+            raise located(record["source"], None, "id", f"id {record['id']!r} is also in the training data "
+                          f"({train_ids[record['id']]}). Keep {kind} records out of training.")
+    return records

@@ -13,3 +13,10 @@ def located(path: object, line: int | None, field: str | None, problem: str) -> 
     where = str(path) + (f":{line}" if line is not None else "")
     what = f" field {field!r}:" if field else ""
     return InputError(f"{where}:{what} {problem}")
+
+
+class TrainingStopped(RuntimeError):
+    """A run stopped on purpose (e.g. a non-finite loss): the message says why, where, and how to go on.
+
+    The CLI prints it as one line and exits with code 1.
+    """

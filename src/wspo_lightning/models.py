@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Literal, Mapping
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from torch import nn
 
 from wspo_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
+_warn = rank_zero_only(log.warning)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,28 +83,52 @@ def as_spec(spec: ModelSpec | dict | None) -> ModelSpec | None:
     return ModelSpec(**spec) if isinstance(spec, dict) else spec
 
 
+def _local_folder(path: str) -> Path | None:
+    """`path` as a local folder when it looks like one (it exists, starts with . / ~ or has 2+ slashes); else None
+    (a hub id)."""
+    folder = Path(path).expanduser()
+    looks_local = folder.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    return folder if looks_local else None
+
+
 def check_model_path(spec: ModelSpec, role: str) -> None:
-    """Fail early, before anything loads, when a local model folder is missing or empty."""
-    path = Path(spec.path)
-    looks_local = path.exists() or spec.path.startswith((".", "/", "~")) or spec.path.count("/") > 1
-    if not looks_local:
+    """Fail early, before anything loads: a local model folder that is missing, holds no config.json
+    (or no `gguf_file`), or holds weights only as pickles; quantization without its packages."""
+    _check_quantization_packages(spec, role)
+    path = _local_folder(spec.path)
+    if path is None:
         return  # a hub id: transformers reports problems with it
     if not path.is_dir():
         raise InputError(f"{role}.path: {spec.path} does not exist. Point it at a model folder "
                          "(for a toy one: wspo tiny --out DIR).")
-    wanted = path / spec.gguf_file if spec.gguf_file else path / "config.json"
-    if not wanted.exists():
-        raise InputError(f"{role}.path: {spec.path} holds no {wanted.name}; expected a folder written by "
+    if spec.gguf_file:
+        if not (path / spec.gguf_file).exists():
+            raise InputError(f"{role}.path: {spec.path} holds no {spec.gguf_file} (gguf_file). "
+                             "Fix gguf_file or the path.")
+        return
+    if not (path / "config.json").exists():
+        raise InputError(f"{role}.path: {spec.path} holds no config.json; expected a folder written by "
                          "save_pretrained (config.json + safetensors weights).")
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise InputError(f"{role}.path: {spec.path} holds pickle weights (*.bin) but no *.safetensors; wspo never "
+                         "unpickles weights. If you trust the file, convert it once: AutoModelForCausalLM."
+                         "from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR).")
+
+
+def _check_quantization_packages(spec: ModelSpec, role: str | None = None) -> None:
+    if spec.quantization == "none":
+        return
+    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        where = f"{role}.quantization" if role else f"model {spec.path}: quantization"
+        raise InputError(f"{where}={spec.quantization} needs {' and '.join(missing)}: "
+                         f"pip install {' '.join(missing)} (or set quantization: none)")
 
 
 def _quantization_config(spec: ModelSpec):
     if spec.quantization == "none":
         return None
-    missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise InputError(f"model {spec.path}: quantization={spec.quantization} needs {' and '.join(missing)}: "
-                         f"pip install {' '.join(missing)}")
+    _check_quantization_packages(spec)
     from transformers import BitsAndBytesConfig
 
     if spec.quantization == "8bit":
@@ -111,16 +137,50 @@ def _quantization_config(spec: ModelSpec):
                               bnb_4bit_use_double_quant=True)
 
 
-def load_tokenizer(spec: ModelSpec):
+def load_tokenizer(source: ModelSpec | str, trust_remote_code: bool = False, role: str = "tokenizer"):
+    """The one tokenizer loader (data and models): AutoTokenizer from a ModelSpec, a local folder or a hub id.
+
+    A missing local folder or an unreadable tokenizer raises InputError. A tokenizer without a pad
+    token pads with eos (said once per path: labels mask padding, so eos is still learned).
+    `trust_remote_code` comes from the spec when `source` is one; when on, it is logged.
+    """
     from transformers import AutoTokenizer
 
-    if spec.trust_remote_code:
-        log.warning("trust_remote_code is on for %s: code shipped with the model will run", spec.path)
-    tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, gguf_file=spec.gguf_file,
-                                              trust_remote_code=spec.trust_remote_code)
-    if tokenizer.pad_token is None:
+    spec = source if isinstance(source, ModelSpec) else ModelSpec(path=str(source), trust_remote_code=trust_remote_code)
+    folder = _local_folder(spec.path)
+    if folder is not None and not folder.is_dir():
+        raise InputError(f"{role}: {spec.path} does not exist. Point it at a folder holding tokenizer files "
+                         "(tokenizer.json, tokenizer_config.json), such as a model folder (under wspo fit: "
+                         "model.policy.path).")
+    _note_remote_code(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, gguf_file=spec.gguf_file,
+                                                  trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"{role}: cannot load a tokenizer from {spec.path} ({first_line}). Give a folder holding "
+                         "tokenizer files (tokenizer.json, tokenizer_config.json) or a hub id.") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
+        _once(f"pad:{spec.path}", "tokenizer %s has no pad token: padding with eos %r (labels mask padding, "
+              "so eos is still learned)", spec.path, tokenizer.eos_token)
     return tokenizer
+
+
+_said: set[str] = set()
+
+
+def _once(key: str, message: str, *args: object) -> None:
+    """A warning said once per process for `key` (one per path, not one per role or per stage)."""
+    if key not in _said:
+        _said.add(key)
+        _warn(message, *args)
+
+
+def _note_remote_code(spec: ModelSpec) -> None:
+    if spec.trust_remote_code:
+        _once(f"remote:{spec.path}", "trust_remote_code is on for %s: Python code shipped with it will run",
+              spec.path)
 
 
 def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | str | None = None) -> nn.Module:
@@ -131,8 +191,7 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
     from transformers import AutoModelForCausalLM
 
     quantization_config = _quantization_config(spec)
-    if spec.trust_remote_code:
-        log.warning("trust_remote_code is on for %s: code shipped with the model will run", spec.path)
+    _note_remote_code(spec)
     kwargs = dict(dtype=spec.torch_dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
                   attn_implementation=spec.attn_implementation)
     if spec.gguf_file:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from typing import Any
 
@@ -191,8 +192,8 @@ class WSPOModule(PreferenceModule):
                  reference: ModelSpec | None = None, gamma: float = 1.0, train_on_rejected: bool = False,
                  learning_rate: float = 1e-5, weight_decay: float = 0.0, warmup_ratio: float = 0.1,
                  freeze_embeddings: bool = False, disable_dropout: bool = True) -> None:
-        if not (isinstance(gamma, (int, float)) and torch.isfinite(torch.tensor(float(gamma))) and gamma != 0):
-            raise InputError(f"model.gamma must be a finite non-zero number, got {gamma}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise InputError(f"model.gamma must be a finite positive number, got {gamma}")
         super().__init__(policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings,
                          disable_dropout)
         self.weak_base_spec, self.weak_aligned_spec = as_spec(weak_base), as_spec(weak_aligned)
