@@ -35,6 +35,8 @@ COMMANDS = {
     "score": "wspo_lightning.pipeline.score:main",
     "pairs": "wspo_lightning.pipeline.pairs:main",
     "evaluate": "wspo_lightning.pipeline.evaluate:main",
+    "convert": "wspo_lightning.pipeline.convert:main",
+    "distill": "wspo_lightning.pipeline.distill:main",
 }
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 

@@ -1,0 +1,194 @@
+"""The demo's report: `report.md` (table, verdicts, examples), PNG plots, resolved fit configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from wspo_lightning.pipeline.evaluate import EvalRow, paired_difference
+from wspo_lightning.pipeline.stage import read_jsonl
+
+WEAK_MODEL_NOTE = (
+    "The weak model keeps decoder layers {layers} of SmolLM2-135M-Instruct's 30 (with its embeddings, final "
+    "norm and tied lm_head) and is distilled on the strong model's own answers to the training prompts: "
+    "top-32 soft targets plus the next-token loss, embeddings frozen (`wspo_lightning.pipeline.distill`). "
+    "It shares the strong tokenizer by construction, so token-level WSPO applies, and it is genuinely "
+    "smaller. Keeping the last layer beside the first ones starts it much closer to the strong model than "
+    "the first layers alone. Its text is far poorer than the strong model's (see its KL and examples), but "
+    "the *change* DPO makes to it (weak aligned - weak base) carries the sentiment signal, which is all "
+    "WSPO uses."
+)
+
+
+def _fmt_ci(ci: list[float]) -> str:
+    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def markdown_table(results: list[dict]) -> str:
+    head = ("| row | gold reward (95% CI) | vs strong base (95% CI) | KL to strong base | length | distinct-2 "
+            "| top word (share) | n |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in results:
+        diff = (f"{r['diff_vs_baseline']:+.3f} {_fmt_ci(r['diff_vs_baseline_ci'])}"
+                if "diff_vs_baseline" in r else "")
+        word, share = r.get("top_word", ["", 0.0])
+        lines.append(f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
+                     f"| {r['kl']:.2f} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
+                     f"| {word} ({share:.0%}) | {r['n']} |")
+    return "\n".join(lines)
+
+
+def verdicts(results: list[dict], rows: list[EvalRow]) -> list[str]:
+    """Plain sentences: does each WSPO row beat the strong base (interval of the difference above 0),
+    and does it beat the weak aligned model (amplification)? Reported either way."""
+    by_name = {r["name"]: r for r in results}
+    samples = {row.name: read_jsonl(row.samples) for row in rows}
+    lines = []
+    for r in results:
+        if not r["name"].startswith("strong + "):
+            continue
+        lo, hi = r["diff_vs_baseline_ci"]
+        beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
+        lines.append(f"- **{r['name']}** {beats} the strong base: {r['diff_vs_baseline']:+.3f} "
+                     f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])}), at KL {r['kl']:.2f} nats.")
+        if "WSPO" in r["name"] and "weak aligned" in by_name:
+            diff, ci = paired_difference(samples[r["name"]], samples["weak aligned"])
+            verdict = ("amplifies: it beats the weak aligned model" if ci[0] > 0 else
+                       "does not amplify: it is below the weak aligned model" if ci[1] < 0 else
+                       "does not clearly amplify: it is within noise of the weak aligned model")
+            lines.append(f"  It {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; weak aligned "
+                         f"{by_name['weak aligned']['gold_reward_mean']:+.3f}).")
+    return lines
+
+
+def _metrics(csv_path: Path) -> dict[str, list[tuple[int, float]]]:
+    """Logged series of a CSVLogger file: name -> [(step, value)]."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    if not csv_path.exists():
+        return series
+    for row in csv.DictReader(csv_path.open()):
+        step = int(float(row.get("step") or 0))
+        for key, value in row.items():
+            if key not in ("step", "epoch") and value not in ("", None):
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_rewards(results: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results][::-1]
+    means = [r["gold_reward_mean"] for r in results][::-1]
+    errs = [[m - r["gold_reward_ci"][0] for m, r in zip(means, results[::-1])],
+            [r["gold_reward_ci"][1] - m for m, r in zip(means, results[::-1])]]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+    ax.barh(names, means, xerr=errs, capsize=4, color=["#4c72b0" if "strong" in n else "#dd8452" for n in names])
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_xlabel("mean gold reward (VADER compound), 95% bootstrap CI")
+    ax.set_title("Held-out gold reward per row")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    # The weak rows sit hundreds of nats away (another model's text): they would squash the strong rows.
+    for r in [r for r in results if r["name"].startswith("strong")]:
+        lo, hi = r["gold_reward_ci"]
+        m = r["gold_reward_mean"]
+        ax.errorbar(r["kl"], m, yerr=[[m - lo], [hi - m]], fmt="o", capsize=3)
+        ax.annotate(r["name"], (r["kl"], m), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("KL to the strong base (nats per response, from samples)")
+    ax.set_ylabel("mean gold reward")
+    ax.set_title("Reward vs KL (strong rows; weak rows' KL is in the table)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_training(runs: dict[str, Path], path: Path) -> None:
+    """Training loss per step and the validation strong margin (DPO: reward margin) per fit."""
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_margin) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, run_dir in runs.items():
+        m = _metrics(run_dir / "logs" / "metrics.csv")
+        if "train/loss" in m:
+            steps, values = zip(*m["train/loss"])
+            ax_loss.plot(steps, values, label=name, lw=1)
+        margin = m.get("val/rewards/strong_margin") or m.get("val/rewards/margins")
+        if margin:
+            steps, values = zip(*([(0, 0.0)] + margin))  # policy == reference at step 0: margin 0
+            ax_margin.plot(steps, values, marker="o", label=name)
+    ax_loss.set(xlabel="optimizer step", ylabel="train/loss", title="Training loss", yscale="log")
+    ax_margin.set(xlabel="optimizer step", ylabel="val strong margin (DPO: rewards/margins)",
+                  title="Implicit reward margin on validation pairs")
+    for ax in (ax_loss, ax_margin):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> str:
+    """Write report.md, plots/*.png and configs/*.yaml into `root`; return the markdown table."""
+    results = json.loads((root / "results.json").read_text())
+    settings = json.loads((root / "settings.json").read_text())
+    plots, configs = root / "plots", root / "configs"
+    plots.mkdir(exist_ok=True)
+    configs.mkdir(exist_ok=True)
+    runs = {d.name: d for d in sorted((root / "runs").iterdir()) if (d / "logs" / "metrics.csv").exists()}
+    for name, run_dir in runs.items():
+        for source, suffix in ((run_dir / "logs" / "config.yaml", ""), (run_dir / "fit.yaml", ".as_given")):
+            if source.exists():
+                shutil.copy(source, configs / f"{name}{suffix}.yaml")
+    plot_rewards(results, plots / "gold_reward.png")
+    plot_reward_vs_kl(results, plots / "reward_vs_kl.png")
+    plot_training(runs, plots / "training.png")
+
+    table = markdown_table(results)
+    examples = []
+    for r in results:
+        examples.append(f"**{r['name']}**\n")
+        for e in r.get("examples", []):
+            text = e["response"].replace("\n", " ")
+            examples.append(f"- ({e['reward']:+.2f}) *{e['prompt']}* -> {text}")
+        examples.append("")
+    total = sum(timings.values())
+    timing_lines = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
+    text = "\n".join([
+        "# WSPO demo: controlled sentiment (SmolLM2-135M-Instruct, VADER gold reward)", "",
+        f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row, "
+        f"up to {settings['max_new_tokens']} new tokens, temperature 1 (untempered, so KL estimates are unbiased).",
+        "KL is the mean of log pi_row(y|x) - log pi_strong_base(y|x) over the row's samples (nats per response). "
+        "Intervals are bootstrap 95% over prompts; 'vs strong base' is the paired difference per prompt.", "",
+        table, "", "## Verdicts", "", *verdicts(results, rows), "",
+        "Reward hacking shows as a high reward with a large KL, a low distinct-2 and one word in most responses "
+        "(see the top-word column).", "",
+        "## Plots", "", "![gold reward](plots/gold_reward.png)", "", "![reward vs KL](plots/reward_vs_kl.png)", "",
+        "![training](plots/training.png)", "",
+        "## The weak pair", "", WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
+        "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
+        "(best vs worst of two per training prompt by the gold reward; ties dropped).", "",
+        "## Example completions", "", *examples,
+        "## Files", "",
+        "- `results.json`: the table as data; `settings.json`: sizes and hyper-parameters",
+        "- `configs/`: the resolved config of every fit (`NAME.yaml`) and the config as given (`NAME.as_given.yaml`)",
+        "- `wandb/`: offline W&B runs (`wandb sync wandb/offline-run-*` uploads them); `runs/*/logs/metrics.csv`: the same metrics as CSV",
+        "- `samples/`, `data/`, `models/`: every stage's output (a rerun skips stages whose output exists)", "",
+        "## Wall time per stage (from the run that did the work)", "",
+        f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads.", "", "| stage | seconds |", "|---|---|",
+        *timing_lines, f"| **total** | {total:.0f} |", "",
+    ])
+    (root / "report.md").write_text(text)
+    return table

@@ -1,0 +1,196 @@
+"""Stage `evaluate`: gold reward, KL to a reference and diversity for each row of scored samples.
+
+Every row is a file of scored samples (`wspo sample` then `wspo score`) on the same held-out
+prompts. Per row: mean gold reward with a bootstrap 95% interval, the paired difference to a
+baseline row with its interval, KL(row || reference) estimated from the samples as the mean of
+log pi_row(y|x) - log pi_reference(y|x) (nats per response), mean length, distinct-n, and the
+most repeated word. Intervals resample prompts (all samples of a prompt together), so several
+samples per prompt do not narrow them falsely.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from wspo_lightning.errors import InputError
+from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
+from wspo_lightning.pipeline.stage import (
+    atomic_path, chat_text, done, read_jsonl, resolve_device, run_main, say, write_jsonl,
+)
+
+_STOPWORDS = set("""a an the and or but of to in on at for with from by as is are was were be been it its it's this that
+these those i you he she we they me my your his her our their not no so very just than then there here what which
+who how all any some more most can could would should will one film movie""".split())
+
+
+@dataclass
+class EvalRow:
+    """One row of the results table."""
+
+    name: str
+    """Row label, e.g. "strong + WSPO (gamma=1)"."""
+    samples: str
+    """Scored samples (JSONL with prompt, response, response_ids, logp, num_tokens, reward)."""
+
+
+def bootstrap_ci(values_by_prompt: list[np.ndarray], n_boot: int = 2000, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of the mean, resampling prompts with replacement (each with all its values)."""
+    rng = np.random.default_rng(seed)
+    sums = np.array([v.sum() for v in values_by_prompt])
+    counts = np.array([len(v) for v in values_by_prompt])
+    picks = rng.integers(0, len(sums), size=(n_boot, len(sums)))  # [n_boot, prompts]
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def distinct_n(texts: list[str], n: int) -> float:
+    """Distinct n-grams over all n-grams of the responses (words, lower-cased): 1 = no repetition."""
+    grams = Counter()
+    for text in texts:
+        words = re.findall(r"[a-z']+", text.lower())
+        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return len(grams) / max(sum(grams.values()), 1)
+
+
+def top_word(texts: list[str]) -> tuple[str, float]:
+    """The content word found in most responses, and the share of responses that contain it."""
+    counts = Counter()
+    for text in texts:
+        counts.update(set(re.findall(r"[a-z']+", text.lower())) - _STOPWORDS)
+    if not counts:
+        return "", 0.0
+    word, count = counts.most_common(1)[0]
+    return word, count / max(len(texts), 1)
+
+
+def _by_prompt(records: list[dict], key: str) -> dict[str, np.ndarray]:
+    groups: dict[str, list[float]] = {}
+    for r in records:
+        groups.setdefault(str(r["id"]), []).append(float(r[key]))
+    return {k: np.array(v) for k, v in groups.items()}
+
+
+@torch.no_grad()
+def reference_logps(model, tokenizer, records: list[dict], batch_size: int = 16, desc: str = "reference") -> list[float]:
+    """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its chat-templated prompt."""
+    from wspo_lightning.module import response_logps
+
+    order = sorted(range(len(records)), key=lambda i: len(records[i]["response_ids"]))
+    result = [0.0] * len(records)
+    pad = tokenizer.pad_token_id
+    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+        idx = order[first:first + batch_size]
+        seqs, labels = [], []
+        for i in idx:
+            prompt = tokenizer(chat_text(tokenizer, records[i]["prompt"]), add_special_tokens=False)["input_ids"]
+            response = list(records[i]["response_ids"])
+            seqs.append(prompt + response)
+            labels.append([-100] * len(prompt) + response)
+        length = max(map(len, seqs))
+        input_ids = torch.full((len(seqs), length), pad)
+        label_ids = torch.full((len(seqs), length), -100)
+        mask = torch.zeros(len(seqs), length, dtype=torch.long)
+        for row, (s, l) in enumerate(zip(seqs, labels)):
+            input_ids[row, :len(s)], label_ids[row, :len(l)], mask[row, :len(s)] = torch.tensor(s), torch.tensor(l), 1
+        device = model.device
+        logps, keep = response_logps(model, input_ids.to(device), mask.to(device), label_ids.to(device))
+        for row, i in enumerate(idx):
+            result[i] = float((logps[row] * keep[row]).sum())
+    return result
+
+
+def paired_difference(records: list[dict], other: list[dict], n_boot: int = 2000, seed: int = 0
+                      ) -> tuple[float, list[float]]:
+    """Mean over shared prompts of (mean reward here - mean reward in `other`), with its bootstrap 95% interval."""
+    mine, theirs = _by_prompt(records, "reward"), _by_prompt(other, "reward")
+    shared = sorted(set(mine) & set(theirs))
+    if not shared:
+        raise InputError("the two rows share no prompt id: evaluate them on the same prompts")
+    diffs = [np.array([mine[k].mean() - theirs[k].mean()]) for k in shared]
+    return float(np.mean([d[0] for d in diffs])), list(bootstrap_ci(diffs, n_boot, seed))
+
+
+def row_stats(name: str, records: list[dict], baseline: list[dict] | None, n_boot: int, seed: int,
+              num_examples: int = 3) -> dict:
+    """The numbers of one row (see the module docstring)."""
+    rewards = _by_prompt(records, "reward")
+    texts = [r["response"] for r in records]
+    kl = np.array([r["logp"] - r["ref_logp"] for r in records])
+    stats = {
+        "name": name,
+        "gold_reward_mean": float(np.mean([r["reward"] for r in records])),
+        "gold_reward_ci": list(bootstrap_ci(list(rewards.values()), n_boot, seed)),
+        "kl": float(kl.mean()),
+        "kl_ci": list(bootstrap_ci(list(_by_prompt([{**r, "kl": k} for r, k in zip(records, kl)], "kl").values()),
+                                   n_boot, seed)),
+        "mean_length": float(np.mean([r["num_tokens"] for r in records])),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "top_word": list(top_word(texts)),
+        "n": len(records),
+    }
+    if baseline is not None:
+        stats["diff_vs_baseline"], stats["diff_vs_baseline_ci"] = paired_difference(records, baseline, n_boot, seed)
+    stats["examples"] = [{"prompt": r["prompt"], "response": r["response"], "reward": r["reward"]}
+                         for r in records[:num_examples]]
+    return stats
+
+
+def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str | None = None,
+             n_boot: int = 2000, batch_size: int = 16, seed: int = 0, num_examples: int = 3,
+             device: str = "auto", force: bool = False) -> Path:
+    """Write `out` (results.json): a list with one object per row.
+
+    Args:
+        rows: name and scored-samples file of each row.
+        reference: the model KL is measured against (the strong base), e.g. in bfloat16.
+        out: output JSON file. Beside it, `<out stem>_logps/` caches reference log-probs per row.
+        baseline: name of the row that differences are taken against (paired by prompt id).
+        n_boot: bootstrap resamples.
+        batch_size: sequences per reference forward.
+        seed: bootstrap seed.
+        num_examples: example completions kept per row.
+        device: "auto" (a GPU when there is one), "cpu", "cuda", ...
+        force: redo even if `out` exists.
+    """
+    if done("evaluate", out, force):
+        return Path(out)
+    if baseline is not None and baseline not in [r.name for r in rows]:
+        raise InputError(f"evaluate: baseline {baseline!r} is not one of the rows {[r.name for r in rows]}")
+    data = {r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
+            for r in rows}
+    cache_dir = Path(out).with_name(Path(out).stem + "_logps")
+    model = tokenizer = None
+    for i, row in enumerate(rows):
+        cache = cache_dir / f"{i:02d}.jsonl"
+        cached = read_jsonl(cache) if cache.exists() and not force else None
+        if cached is None or len(cached) != len(data[row.name]):
+            if model is None:
+                check_model_path(reference, "reference")
+                tokenizer = load_tokenizer(reference)
+                model = load_model(reference, trainable=False, device=resolve_device(device))
+            values = reference_logps(model, tokenizer, data[row.name], batch_size, desc=f"KL {row.name}")
+            cached = [{"name": row.name, "ref_logp": v} for v in values]
+            write_jsonl(cache, cached)
+        for record, c in zip(data[row.name], cached):
+            record["ref_logp"] = c["ref_logp"]
+    results = [row_stats(r.name, data[r.name], data[baseline] if baseline else None, n_boot, seed, num_examples)
+               for r in rows]
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    say("evaluate", f"wrote {out}")
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(evaluate, argv)

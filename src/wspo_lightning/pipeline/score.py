@@ -1,0 +1,55 @@
+"""Stage `score`: add a gold `reward` to every sampled response.
+
+The reward is anything with `__call__(prompts, responses) -> list[float]` (see
+`wspo_lightning.rewards.Reward`): VADER sentiment by default, or a reward model of your own
+given by its import path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from wspo_lightning.pipeline.stage import done, import_object, read_jsonl, run_main, say, write_jsonl
+
+
+def load_reward(reward: str | Any) -> Any:
+    """A reward instance from an import path (`pkg.module.Class`, built with no arguments) or as given."""
+    if not isinstance(reward, str):
+        return reward
+    obj = import_object(reward)
+    return obj() if isinstance(obj, type) else obj
+
+
+def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderReward", batch_size: int = 64,
+          force: bool = False) -> Path:
+    """Score each record's `response` with `reward` and write the records with a `reward` field.
+
+    Args:
+        samples: JSONL with `prompt` and `response` fields (the output of `wspo sample`).
+        out: output JSONL: the input records plus `reward`.
+        reward: import path of a reward class or function (see `wspo_lightning.rewards`).
+        batch_size: responses passed to the reward at once.
+        force: redo even if `out` exists.
+    """
+    if done("score", out, force):
+        return Path(out)
+    records = read_jsonl(samples, required=["prompt", "response"])
+    scorer = load_reward(reward)
+    name = reward if isinstance(reward, str) else type(reward).__name__
+    say("score", f"{len(records)} responses of {samples} with {name}")
+    for first in tqdm(range(0, len(records), batch_size), desc="score", unit="batch", dynamic_ncols=True):
+        batch = records[first:first + batch_size]
+        values = scorer([r["prompt"] for r in batch], [r["response"] for r in batch])
+        if len(values) != len(batch):
+            raise ValueError(f"reward {name} returned {len(values)} scores for {len(batch)} responses")
+        for record, value in zip(batch, values):
+            record["reward"] = float(value)
+    write_jsonl(out, records)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(score, argv)
