@@ -93,11 +93,12 @@ class SampleTable(pl.Callback):
         if not prompts:
             return
         rows = self._complete(pl_module, trainer.datamodule.tokenizer, prompts)
+        # trainer.log_dir is a broadcast: every rank must ask for it
+        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.jsonl"
         if not trainer.is_global_zero:
             return
         for row in rows:
             row["step"] = trainer.global_step
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
         columns = ["step", "prompt", "completion", "weak_reward"]
