@@ -11,21 +11,47 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """Gather sharded (FSDP2 / DTensor) parameters into one CPU state dict; None when nothing is sharded."""
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (DTensor parameters) or FSDP1 (FullyShardedDataParallel units) shards `model`."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    if not any(isinstance(p, DTensor) for p in model.parameters()):
+    return (any(isinstance(p, DTensor) for p in model.parameters())
+            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Gather a sharded model's parameters into one CPU state dict on rank 0 (others get {});
+    None when nothing is sharded. A collective: every rank calls it."""
+    if not is_sharded(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def unsharded_copy(policy: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain CPU model of the policy's class (with its LoRA adapters, if any) holding `state_dict`.
+
+    Built on the meta device and filled by assignment: no second initialisation, no extra copy."""
+    from transformers import AutoModelForCausalLM
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    with torch.device("meta"):
+        copy = AutoModelForCausalLM.from_config(base.config)
+        if hasattr(policy, "peft_config"):
+            from peft import get_peft_model
+
+            copy = get_peft_model(copy, policy.peft_config[policy.active_adapter])
+    copy.load_state_dict(state_dict, assign=True, strict=True)
+    return copy
+
+
 class HFExport(pl.Callback):
     """At the end of `fit`, `save_pretrained` the policy and tokenizer into `dirpath`.
 
-    The folder loads with `AutoModelForCausalLM.from_pretrained(dirpath)`.
+    The folder loads with `AutoModelForCausalLM.from_pretrained(dirpath)`. A sharded policy (FSDP,
+    FSDP2) is gathered on rank 0 first.
 
     Args:
         dirpath: output folder; None means `<trainer.log_dir>/hf_model`.
@@ -37,11 +63,13 @@ class HFExport(pl.Callback):
         self.merge_lora = merge_lora
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")
+        out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")  # every rank
         policy = pl_module.policy
         state_dict = full_state_dict(policy)  # a collective: every rank takes part
         if not trainer.is_global_zero:
             return
+        if state_dict is not None:
+            policy, state_dict = unsharded_copy(policy, state_dict), None
         if hasattr(policy, "merge_and_unload") and self.merge_lora:
             policy = policy.merge_and_unload()
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,451 @@
+"""`wspo precompute`: one pass of the frozen roles over the data, cached on disk, so `fit` loads only the policy.
+
+Cache layout (a folder, `model.cache_dir`):
+
+    manifest.json                        what was computed, from what (written last: no manifest, no cache)
+    config.yaml                          the resolved config of the `wspo precompute` run
+    train-00000-of-00002.safetensors     one shard per rank and split
+    val-00000-of-00002.safetensors
+
+A shard holds, for the records its rank saw: `index` [n] (the record's position in its split), and per
+side (`chosen`, `rejected`) `{side}.length` [n] (its response tokens; -1: computed on another rank, or
+no such response) and the float32 values of the response tokens, in order, concatenated over the
+records: `{side}.delta_weak` (l_weak_aligned - l_weak_base; WSPO) and `{side}.reference` (l_reference;
+unless `--no-reference`). Values are stored per record and response token, independent of batch
+composition, padding and world size; `LogpsCache.lookup` re-pads them into any batch's [B, T'] layout.
+The training split holds the rejected side only when training uses it (`train_on_rejected`, DPO).
+
+The manifest pins what the values depend on: each frozen model's loading options and weight-file
+hashes (sha256; a file whose size and mtime are unchanged is not re-read), and a fingerprint of every
+split's record ids and token ids (so of the data, tokenizer, templates and max_length). `fit` refuses
+a cache that no longer matches, naming what changed and the command that rebuilds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from wspo_lightning.errors import InputError
+from wspo_lightning.models import ModelSpec
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "wspo-logps-cache", 1
+MANIFEST = "manifest.json"
+# spec fields that change a frozen model's log-probs (not LoRA or gradient checkpointing: policy-only)
+_SPEC_FIELDS = ("path", "dtype", "quantization", "attn_implementation", "revision", "gguf_file", "trust_remote_code")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+_WEIGHT_NAMES = ("config.json", "adapter_config.json")
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_dir(spec: ModelSpec) -> Path | None:
+    """The local folder holding the model's files (a hub id resolves to its local snapshot, if any)."""
+    if Path(spec.path).is_dir():
+        return Path(spec.path)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
+    except Exception:  # not downloaded, or not a hub id: nothing to hash
+        return None
+
+
+def model_fingerprint(spec: ModelSpec, known: dict | None = None) -> dict:
+    """The spec fields that matter for a frozen model's outputs, and size/mtime/sha256 of its weight files.
+
+    `known`: a fingerprint recorded earlier; a file whose size and mtime it matches keeps its recorded
+    hash (the quick check of make and rsync), so verifying an unchanged multi-GB model costs a stat.
+    """
+    spec_fields = {name: getattr(spec, name) for name in _SPEC_FIELDS}
+    folder = _model_dir(spec)
+    if folder is None:
+        return {"spec": spec_fields, "files": None}
+    known_files = (known or {}).get("files") or {}
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or not (path.name in _WEIGHT_NAMES or path.name.endswith(_WEIGHT_SUFFIXES)):
+            continue
+        if spec.gguf_file and path.suffix == ".gguf" and path.name != spec.gguf_file:
+            continue
+        stat = path.stat()
+        old = known_files.get(path.name)
+        same = old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
+        files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                            "sha256": old["sha256"] if same else sha256_file(path)}
+    return {"spec": spec_fields, "files": files}
+
+
+def split_fingerprint(features: Sequence[dict]) -> str:
+    """sha256 over every record's id and token ids, in order: changes with the data, tokenizer,
+    templates and max_length."""
+    digest = hashlib.sha256()
+    for f in features:
+        digest.update(json.dumps([f["id"], f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]).encode())
+    return digest.hexdigest()
+
+
+def data_features(datamodule: Any) -> dict[str, list[dict]]:
+    """Tokenized records per split ('train', 'val') of a set-up PreferenceDataModule."""
+    features = getattr(datamodule, "features", None) or getattr(datamodule, "_features", None)
+    if not features:
+        raise InputError("a logps cache needs the PreferenceDataModule (trainer.datamodule), set up")
+    return {split: list(features.get(split) or []) for split in ("train", "val")}
+
+
+def describe(module: Any, datamodule: Any, values: Sequence[str], known: dict | None = None) -> dict:
+    """What cached `values` depend on: model fingerprints per role, data settings and split fingerprints.
+
+    `known`: the manifest's model fingerprints, whose hashes unchanged files (same size and mtime) keep."""
+    features = data_features(datamodule)
+    roles = module.cache_roles(values)  # role -> spec
+    known = known or {}
+    splits = {}
+    for split, feats in features.items():
+        if not feats:
+            continue
+        sides = ["chosen"] + (["rejected"] if (split != "train" or module.trains_on_pairs) else [])
+        splits[split] = {"records": len(feats), "fingerprint": split_fingerprint(feats), "sides": sides}
+    return {
+        "values": sorted(values),
+        "models": {role: model_fingerprint(spec, known.get(role)) for role, spec in roles.items()},
+        "data": {"tokenizer": getattr(datamodule, "tokenizer_path", None),
+                 "max_length": getattr(datamodule, "max_length", None),
+                 "use_chat_template": getattr(datamodule, "use_chat_template", None),
+                 "prompt_template": getattr(datamodule, "prompt_template", None)},
+        "splits": splits,
+    }
+
+
+# ----------------------------------------------------------------------------- reading
+
+class LogpsCache:
+    """A verified cache, loaded into CPU memory: `lookup` gives the cached values of a batch."""
+
+    def __init__(self, folder: Path, manifest: dict) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.values: list[str] = list(manifest["values"])
+        self._splits: dict[str, dict] = {}
+
+    # -- opening and verification
+    @classmethod
+    def open(cls, folder: str | Path, module: Any, datamodule: Any) -> "LogpsCache":
+        """Read the manifest, refuse it when anything it depends on changed, then load the shards."""
+        folder = Path(folder)
+        manifest = read_manifest(folder)
+        cache = cls(folder, manifest)
+        cache.verify(module, datamodule)
+        for split in manifest["splits"]:
+            cache._load_split(split)
+        return cache
+
+    def verify(self, module: Any, datamodule: Any) -> None:
+        m = self.manifest
+        rebuild = f"Rebuild it: {m.get('command') or 'wspo precompute --config <your fit config>'}"
+        where = f"logps cache {self.folder}"
+        missing = [v for v in module.required_cache_values() if v not in m["values"]]
+        if missing:
+            raise InputError(f"{where} holds {m['values']}, but {type(module).__name__} needs {missing}. {rebuild}")
+        now = describe(module, datamodule, m["values"], known=m["models"])
+        for role, current in now["models"].items():  # roles behind values this objective uses
+            _compare_model(where, role, m["models"][role], current, rebuild)
+        for split, current in now["splits"].items():
+            cached = m["splits"].get(split)
+            if cached is None:
+                raise InputError(f"{where} holds no {split!r} split, but the data has {current['records']} "
+                                 f"{split} records. {rebuild}")
+            if cached["fingerprint"] != current["fingerprint"]:
+                counts = (f"{cached['records']} records then, {current['records']} now"
+                          if cached["records"] != current["records"] else
+                          f"the same {current['records']} records, but other ids or tokens")
+                settings = [f"data.{key}: {m['data'].get(key)!r} then, {value!r} now"
+                            for key, value in now["data"].items() if m["data"].get(key) != value]
+                why = "; ".join(settings) or "the data file or the tokenizer changed"
+                raise InputError(f"{where}: the {split} data changed since the cache was made ({counts}; {why}). "
+                                 f"{rebuild}")
+            lacking = [s for s in current["sides"] if s not in cached["sides"]]
+            if lacking:
+                raise InputError(f"{where} holds only the {cached['sides']} responses of {split}, this run needs "
+                                 f"{current['sides']} (train_on_rejected?). {rebuild}")
+
+    def _load_split(self, split: str) -> None:
+        """Merge the shards of `split`: per side, each record's length and offset into one values tensor.
+
+        A record's chosen and rejected responses may come from different ranks' shards; a shard marks
+        the sides it did not compute with length -1."""
+        from safetensors.torch import load_file
+
+        info = self.manifest["splits"][split]
+        n = info["records"]
+        lengths = {side: torch.full((n,), -1, dtype=torch.long) for side in info["sides"]}  # -1: none
+        offsets = {side: torch.zeros(n, dtype=torch.long) for side in info["sides"]}
+        values: dict[str, dict[str, list[Tensor]]] = {s: {v: [] for v in self.values} for s in info["sides"]}
+        base = dict.fromkeys(info["sides"], 0)
+        for name in info["shards"]:
+            path = self.folder / name
+            if not path.exists():
+                raise InputError(f"logps cache {self.folder}: shard {name} is missing. Rebuild the cache: "
+                                 f"{self.manifest.get('command') or 'wspo precompute'}")
+            shard = load_file(str(path))
+            for side in info["sides"]:
+                length = shard[f"{side}.length"]  # [records in the shard]
+                here = length >= 0
+                sizes = length.clamp(min=0)
+                starts = torch.cumsum(sizes, 0) - sizes + base[side]
+                lengths[side][shard["index"][here]] = length[here]
+                offsets[side][shard["index"][here]] = starts[here]
+                base[side] += int(sizes.sum())
+                for v in self.values:
+                    values[side][v].append(shard[f"{side}.{v}"])
+        missing = int((lengths["chosen"] < 0).sum())
+        if missing:
+            raise InputError(f"logps cache {self.folder}: {missing} {split} records have no cached values. "
+                             f"Rebuild the cache: {self.manifest.get('command') or 'wspo precompute'}")
+        merged = {side: {v: torch.cat(parts) for v, parts in d.items()} for side, d in values.items()}
+        self._splits[split] = {"lengths": lengths, "offsets": offsets, "values": merged}
+
+    # -- use
+    def has(self, split: str) -> bool:
+        return split in self._splits
+
+    def lookup(self, split: str, index: Tensor, sides: Sequence[str], mask: Tensor) -> dict[str, Tensor]:
+        """Cached values of rows `index` [B] for `sides` (rows side after side, as the module concatenates
+        them), re-padded into the [len(sides) * B, T'] layout of `mask` (True on response tokens)."""
+        if split not in self._splits:
+            raise InputError(f"logps cache {self.folder} holds no {split!r} split")
+        data = self._splits[split]
+        rows = index.detach().cpu().tolist()
+        pieces: dict[str, list[Tensor]] = {v: [] for v in self.values}
+        lengths = []
+        for side in sides:
+            length, offset = data["lengths"][side], data["offsets"][side]
+            for row in rows:
+                n, start = int(length[row]), int(offset[row])
+                if n < 0:
+                    raise InputError(f"logps cache {self.folder}: {split} record {row} has no cached {side} response")
+                lengths.append(n)
+                for v in self.values:
+                    pieces[v].append(data["values"][side][v][start:start + n])
+        expected = torch.tensor(lengths, device=mask.device)
+        if not torch.equal(mask.sum(dim=1), expected):
+            raise InputError(f"logps cache {self.folder}: a {split} batch's response lengths "
+                             f"{mask.sum(dim=1).tolist()} differ from the cached {lengths}. Rebuild the cache.")
+        out = {}
+        for v, parts in pieces.items():
+            padded = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # [rows, T']
+            padded[mask] = torch.cat(parts).to(mask.device)
+            out[v] = padded
+        return out
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    if not path.exists():
+        raise InputError(f"model.cache_dir={folder}: no logps cache there ({MANIFEST} missing). "
+                         "Build it with: wspo precompute --config <your fit config>")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not a readable manifest ({err}). Rebuild the cache with wspo precompute.") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise InputError(f"{path}: format {manifest.get('format')!r} v{manifest.get('version')}, expected "
+                         f"{FORMAT!r} v{VERSION}. Rebuild the cache with wspo precompute.")
+    return manifest
+
+
+def _compare_model(where: str, role: str, then: dict, now: dict, rebuild: str) -> None:
+    """Same outputs: the same loading options and the same weight files (by sha256; the path may move)."""
+    for key, value in then["spec"].items():
+        if key != "path" and now["spec"].get(key) != value:
+            raise InputError(f"{where} was made with {role}.{key}={value!r}, now {now['spec'].get(key)!r}. {rebuild}")
+    path = then["spec"]["path"]
+    if then["files"] is None or now["files"] is None:
+        if then["files"] is not None or now["spec"]["path"] != path:
+            raise InputError(f"{where}: cannot verify the weights of {role} ({now['spec']['path']}): no local "
+                             f"files to hash. {rebuild}")
+        log.warning("%s: %s (%s) is a hub id without local files: its weights are not verified", where, role, path)
+        return
+    for name in sorted(set(then["files"]) | set(now["files"])):
+        a, b = then["files"].get(name), now["files"].get(name)
+        if a is None or b is None:
+            change = "appeared in" if a is None else "disappeared from"
+            raise InputError(f"{where}: {role} changed since the cache was made ({name} {change} "
+                             f"{now['spec']['path']}). {rebuild}")
+        if a["sha256"] != b["sha256"]:
+            raise InputError(f"{where}: {role} changed since the cache was made ({now['spec']['path']}/{name}: "
+                             f"sha256 {a['sha256'][:12]}... then, {b['sha256'][:12]}... now). {rebuild}")
+
+
+# ----------------------------------------------------------------------------- writing
+
+def shard_name(split: str, rank: int, world_size: int) -> str:
+    return f"{split}-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def side_items(features: Sequence[dict], sides: Sequence[str]) -> list[dict]:
+    """One item per (record, side) with that side's response as `chosen_ids`, longest first (least padding)."""
+    items = []
+    for f in features:
+        for side in sides:
+            response = f[f"{side}_ids"]
+            if response is not None:
+                items.append({"index": f["index"], "id": f["id"], "prompt_ids": f["prompt_ids"],
+                              "chosen_ids": response, "rejected_ids": None, "side": side})
+    return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + len(it["chosen_ids"])))
+
+
+def _collate_items(items: list[dict], pad_token_id: int) -> dict:
+    from wspo_lightning.data import collate
+
+    batch = collate(items, pad_token_id)
+    batch["sides"] = [it["side"] for it in items]
+    return batch
+
+
+class CacheWriter(pl.Callback):
+    """Gathers `predict_step` outputs per split and side; at the end each rank writes its shards
+    (length -1 for a side computed elsewhere, or absent), then rank 0 writes the manifest after a
+    barrier, so a manifest marks a complete cache."""
+
+    def __init__(self, folder: Path, splits: list[str], manifest: dict) -> None:
+        self.folder, self.splits, self.manifest = folder, splits, manifest
+        self.parts: dict[str, list[dict]] = {split: [] for split in splits}
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        outputs = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()}
+        self.parts[self.splits[dataloader_idx]].append({**outputs, "sides": batch["sides"]})
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from safetensors.torch import save_file
+
+        rank, world = trainer.global_rank, trainer.world_size
+        values = self.manifest["values"]
+        for split in self.splits:
+            sides = self.manifest["splits"][split]["sides"]
+            per_record: dict[int, dict] = {}
+            for part in self.parts[split]:
+                starts = torch.cumsum(part["length"], 0) - part["length"]
+                for row, (index, side) in enumerate(zip(part["index"].tolist(), part["sides"])):
+                    start, n = int(starts[row]), int(part["length"][row])
+                    per_record.setdefault(index, {})[side] = {v: part[v][start:start + n] for v in values}
+            indices = sorted(per_record)
+            tensors = {"index": torch.tensor(indices, dtype=torch.long)}
+            for side in sides:
+                got = [per_record[i].get(side) for i in indices]
+                tensors[f"{side}.length"] = torch.tensor(
+                    [-1 if g is None else len(g[values[0]]) for g in got], dtype=torch.long)
+                for v in values:
+                    parts = [g[v] for g in got if g is not None]
+                    tensors[f"{side}.{v}"] = torch.cat(parts).float() if parts else torch.zeros(0)
+            save_file(tensors, str(self.folder / shard_name(split, rank, world)),
+                      metadata={"split": split, "rank": str(rank), "world_size": str(world)})
+        trainer.strategy.barrier("wspo-precompute-shards")
+        if trainer.is_global_zero:
+            manifest = dict(self.manifest)
+            for split in self.splits:
+                manifest["splits"][split]["shards"] = [shard_name(split, r, world) for r in range(world)]
+            tmp = self.folder / (MANIFEST + ".tmp")
+            tmp.write_text(json.dumps(manifest, indent=1))
+            tmp.replace(self.folder / MANIFEST)
+        trainer.strategy.barrier("wspo-precompute-manifest")
+
+
+def _clear(folder: Path) -> None:
+    """Remove a previous cache's files (the manifest first, so a half-removed cache never looks valid)."""
+    (folder / MANIFEST).unlink(missing_ok=True)
+    for path in folder.glob("*-of-*.safetensors"):
+        path.unlink(missing_ok=True)
+
+
+def precompute(args: Sequence[str], reference: bool = True, batch_size: int | None = None,
+               command: str | None = None) -> Path:
+    """Build the cache for a fit config (`args`: LightningCLI arguments without a subcommand).
+
+    `command`: how to rebuild it, recorded in the manifest for the message that refuses a stale cache."""
+    from lightning.pytorch.cli import SaveConfigCallback
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+    from torch.utils.data import DataLoader
+
+    from wspo_lightning.cli import run_cli
+
+    # Frozen forwards need no sharding: plain data parallel ("auto": DDP on several devices).
+    cli = run_cli(list(args) + ["--trainer.strategy=auto", "--trainer.logger=false"], run=False)
+    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
+    if not getattr(module, "cache_dir", None):
+        raise InputError("wspo precompute writes to model.cache_dir: set it in the config "
+                         "or pass --model.init_args.cache_dir DIR")
+    folder = Path(module.cache_dir)
+    values = module.cacheable_values(reference=reference)
+    module.precomputing = values
+    datamodule.setup("predict")
+    manifest = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "objective": type(module).__name__, "dtype": "float32", "precision": str(trainer.precision),
+                "command": command or "wspo precompute " + " ".join(args), **describe(module, datamodule, values)}
+    features = data_features(datamodule)
+    splits = list(manifest["splits"])
+    pad = datamodule.tokenizer.pad_token_id
+    loaders = [DataLoader(side_items(features[s], manifest["splits"][s]["sides"]), shuffle=False,
+                          batch_size=batch_size or datamodule.eval_batch_size,
+                          collate_fn=partial(_collate_items, pad_token_id=pad)) for s in splits]
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear(folder)
+    # the resolved config goes into the cache folder, not to the trainer's log dir (the cwd without a logger)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
+    if rank_zero_only.rank == 0:  # processes are not started yet: the rank comes from the launcher's environment
+        (folder / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
+    writer = CacheWriter(folder, splits, manifest)
+    trainer.callbacks.append(writer)
+    start = time.perf_counter()
+    trainer.predict(module, dataloaders=loaders, return_predictions=False)
+    if trainer.is_global_zero:
+        counts = ", ".join(f"{s}: {len(features[s])} records" for s in splits)
+        log.info("wrote the logps cache %s (%s; %s) in %.1f s", folder, ", ".join(values), counts,
+                 time.perf_counter() - start)
+    return folder
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`wspo precompute --config X.yaml [--no-reference] [--batch_size N] [fit overrides]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="wspo precompute", allow_abbrev=False,
+        description="One pass of the frozen models (weak pair, and the reference unless --no-reference) over the "
+                    "training and validation data of a fit config; writes a cache to model.cache_dir, so that "
+                    "`wspo fit` with the same config loads only the policy. Other arguments are the fit config's "
+                    "(--config, --trainer.devices, --model.init_args.cache_dir ...).")
+    parser.add_argument("--no-reference", dest="reference", action="store_false",
+                        help="do not cache the reference's log-probs (fit then computes them live)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="sequences per forward (default: data.eval_batch_size)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = parser.parse_known_args(argv)
+    if not rest:
+        parser.error("give the fit config: --config X.yaml")
+    precompute(rest, reference=own.reference, batch_size=own.batch_size,
+               command=" ".join(["wspo", "precompute", *argv]))
+    return 0
+
+
+__all__ = ["LogpsCache", "describe", "main", "model_fingerprint", "precompute", "split_fingerprint"]

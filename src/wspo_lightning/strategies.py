@@ -1,0 +1,89 @@
+"""FSDP2 for the policy: Lightning's ModelParallelStrategy, plus `fully_shard` per decoder layer.
+
+`FSDP2Strategy` is Lightning's `ModelParallelStrategy` with the data-parallel size defaulting to the
+world size (pure FSDP2, any number of nodes); `PreferenceModule.configure_model` calls `shard_policy`
+whenever the strategy sets a device mesh. Frozen roles are never sharded. YAML: configs/strategies/.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+from wspo_lightning.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The model's decoder-layer classes, named by transformers' `_no_split_modules` (also inside peft)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def shard_policy(model: nn.Module, device_mesh, precision: str | None = None,
+                 reshard_after_forward: bool = True) -> nn.Module:
+    """`fully_shard` each decoder layer, then the whole model, over the mesh's data-parallel dimension.
+
+    With `precision` "bf16-mixed" parameters are all-gathered and computed in bf16 and gradients
+    reduced in float32 (FSDP2's MixedPrecisionPolicy); the sharded master weights stay in their dtype.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if "tensor_parallel" in (device_mesh.mesh_dim_names or ()) and device_mesh["tensor_parallel"].size() > 1:
+        raise InputError("the policy is sharded with FSDP2 only (no tensor-parallel plan): set the strategy's "
+                         "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
+                         "or use wspo_lightning.strategies.FSDP2Strategy")
+    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
+        raise InputError("a bitsandbytes-quantized policy (QLoRA) cannot be sharded with FSDP2: use DDP "
+                         "(configs/strategies/ddp.yaml), or a float policy")
+    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if precision is not None and precision.startswith("bf16-mixed"):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    classes = decoder_layer_classes(model)
+    if not classes:
+        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit",
+                    type(model).__name__)
+    layers = [m for m in model.modules() if type(m) in classes]
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
+    log.info("FSDP2: sharded %d decoder layers (%s) over %d ranks", len(layers),
+             ", ".join(sorted(c.__name__ for c in classes)), mesh.size())
+    return model
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy as pure FSDP2: every process is one data-parallel shard.
+
+    The module shards the policy in `configure_model` (each decoder layer, then the model); a
+    checkpoint is a folder with one file per rank (torch.distributed.checkpoint), which resumes
+    with `--ckpt_path`. Activation checkpointing: `model.policy.gradient_checkpointing: true`.
+
+    Args:
+        data_parallel_size: shards; "auto" means the world size (devices x num_nodes).
+        save_distributed_checkpoint: each rank writes its shard (else rank 0 writes a full checkpoint).
+        process_group_backend: "nccl", "gloo" (CPU); None picks by device.
+        timeout: collective timeout.
+    """
+
+    def __init__(self, data_parallel_size: Literal["auto"] | int = "auto",
+                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
+                 timeout: timedelta | None = default_pg_timeout) -> None:
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint,
+                         process_group_backend=process_group_backend, timeout=timeout)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
