@@ -5,7 +5,6 @@ Everything here is built offline in seconds, so tests, CI and a first `wspo fit`
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
@@ -19,6 +18,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2Config,
 )
+
+from wspo_lightning.pipeline.stage import write_jsonl  # re-exported: tests write toy data with it
 
 # ChatML, the template family of Qwen2 and SmolLM2, so the tiny world exercises the same path.
 CHATML_TEMPLATE = (
@@ -128,13 +129,6 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def write_jsonl(path: str | Path, records: list[dict]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    return path
 
 
 def write_tiny_world(out_dir: str | Path, arch: str = "llama", n_train: int = 64, n_val: int = 16) -> Path:

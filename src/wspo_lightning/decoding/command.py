@@ -49,6 +49,7 @@ import torch
 
 from wspo_lightning.errors import InputError, located
 from wspo_lightning.models import ModelSpec
+from wspo_lightning.pipeline.stage import write_jsonl
 
 REWARDS = {"vader": "wspo_lightning.rewards.VaderReward"}
 
@@ -222,17 +223,9 @@ def generate(config: GenerateConfig) -> list[dict]:
                 row["settings"] = settings
                 out.append(row)
             bar.update(len(batch))
-    _write_jsonl(config.output, out)
+    write_jsonl(config.output, out)
     _report(config, out)
     return out
-
-
-def _write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def _report(config: GenerateConfig, rows: list[dict]) -> None:
