@@ -18,3 +18,14 @@ def tiny_world(tmp_path_factory):
     from wspo_lightning.tiny import write_tiny_world
 
     return write_tiny_world(tmp_path_factory.mktemp("tiny_world"), arch="llama")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run several times faster on one thread (two threads thrash on a busy 2-core box)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
