@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 
 from wspo_lightning.decoding.command import main
