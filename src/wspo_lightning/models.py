@@ -202,6 +202,7 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": torch.device(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
+    contiguous_lm_head_input(model)
     if device is not None and quantization_config is None:
         model.to(device)
     if not trainable:
@@ -214,6 +215,21 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
     elif quantization_config is not None:
         raise InputError(f"policy {spec.path}: a quantized policy trains only through LoRA adapters (QLoRA); "
                          "add a `lora:` block or set quantization: none")
+    return model
+
+
+def _contiguous(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].contiguous(), *args[1:])
+
+
+def contiguous_lm_head_input(model: nn.Module) -> nn.Module:
+    """Hand the lm_head a contiguous input. With `logits_to_keep`, transformers feeds it a slice of the
+    hidden states ([:, -k:, :], strided), and on CPU a bfloat16 matmul with a strided input takes a slow
+    path: 8x slower for 45 kept positions, 100x for 1 (every generation step). The copy costs a few
+    hidden-state rows. benchmarks/lm_head_slice.py measures it."""
+    head = model.get_output_embeddings()
+    if head is not None and _contiguous not in head._forward_pre_hooks.values():
+        head.register_forward_pre_hook(_contiguous)
     return model
 
 
