@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
 from wspo_lightning.data import (
     IGNORE_INDEX,
     PreferenceDataModule,
+    SeededSampler,
     collate,
     load_records,
     render_prompt,
@@ -176,7 +178,7 @@ def test_truncation_cuts_the_prompt_from_the_left_first_then_the_response(tmp_pa
     records = varied_records(10)
     with caplog.at_level(logging.WARNING, logger="wspo_lightning.data"):
         dm = make_dm(write_jsonl(tmp_path / "t.jsonl", records), tokenizers["chat"], val_fraction=0, max_length=40)
-    n_long = sum(len(f["prompt_ids"]) + len(f["chosen_ids"]) >= 40 for f in dm._features["train"])
+    n_long = sum(len(f["prompt_ids"]) + len(f["chosen_ids"]) >= 40 for f in dm.features["train"])
     stats = dm.truncation_stats
     assert 0 < stats["truncated"] == stats["train"] <= n_long and stats["total"] == 10
     assert f"truncated {stats['truncated']} of 10 records to max_length=40" in caplog.text
@@ -302,6 +304,43 @@ def test_group_by_length_reduces_padding(tmp_path, tokenizers):
     plain, grouped = (make_dm(path, tokenizers["chat"], val_fraction=0, group_by_length=g) for g in (False, True))
     assert padding(grouped) < padding(plain) / 3
     assert sorted(_epoch(grouped)) == list(range(160)) and _epoch(grouped) == _epoch(grouped)
+
+
+def test_sampler_ranks_deal_out_one_grouped_order():
+    """Two ranks together hold the single-process order of the epoch (padded to an even count by
+    repeating its start), and each rank's stream is still longest-first within every group."""
+    lengths = [int(x) for x in torch.randint(1, 500, (101,), generator=torch.Generator().manual_seed(0))]
+
+    def order(epoch: int, **ranks: int) -> list[int]:
+        sampler = SeededSampler(lengths, seed=7, group_size=20, **ranks)
+        sampler.set_epoch(epoch)
+        assert len(sampler) == len(list(sampler))
+        return list(sampler)
+
+    single = order(1)
+    streams = [order(1, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(s) for s in streams] == [51, 51] and order(0) != single
+    assert [i for pair in zip(*streams) for i in pair] == single + single[:1]
+    for rank, stream in enumerate(streams):
+        for g in range(0, 100, 20):  # rank r holds positions r, r + 2, ... of each group of 20
+            group = [lengths[i] for i in stream[g // 2:(g + 20) // 2]]
+            assert group == sorted(group, reverse=True), (rank, g)
+
+
+def test_lightning_keeps_the_grouped_sampler_under_ddp(tmp_path, tokenizers):
+    """Lightning wraps a plain sampler in a shuffling DistributedSampler for DDP, which would undo the
+    grouping: the data module hands it a rank-aware SeededSampler instead, and Lightning keeps it."""
+    from lightning.pytorch.trainer.states import RunningStage
+
+    path = write_jsonl(tmp_path / "t.jsonl", varied_records(40))
+    dm = make_dm(path, tokenizers["chat"], val_fraction=0, group_by_length=True)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # never launched
+    dm.trainer = trainer
+    prepared = trainer._data_connector._prepare_dataloader(dm.train_dataloader(), shuffle=True,
+                                                          mode=RunningStage.TRAINING)
+    sampler = prepared.sampler
+    assert type(sampler) is SeededSampler and (sampler.num_replicas, sampler.rank) == (2, 0)
+    assert len(prepared) == 40 // 2 // dm.batch_size + (40 // 2 % dm.batch_size > 0)
 
 
 # ----------------------------------------------------------------------------- bad inputs

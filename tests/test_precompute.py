@@ -51,7 +51,7 @@ def test_cache_holds_each_records_response_values_independent_of_padding(cached,
     cli = run_cli(["--config", str(config)], run=False)
     cli.datamodule.setup("fit")
     cli.model.setup("fit")
-    feature = cli.datamodule._features["val"][3]  # one record alone: no padding at all
+    feature = cli.datamodule.features["val"][3]  # one record alone: no padding at all
     row = int((shard["index"] == feature["index"]).nonzero())
     start = int(shard["rejected.length"][:row].sum())
     ids = torch.tensor([feature["prompt_ids"] + feature["rejected_ids"]])

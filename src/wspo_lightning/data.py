@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from wspo_lightning.errors import InputError, located
 from wspo_lightning.models import load_tokenizer
@@ -325,23 +326,27 @@ def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[
             [r for i, r in enumerate(records) if i in held_out])
 
 
-class SeededSampler(Sampler[int]):
+class SeededSampler(DistributedSampler):
     """A permutation drawn from `seed + epoch`: epoch e has the same order in every run, resumed or not.
 
     With `group_size`, indices are sorted by length (longest first) within consecutive groups of
-    the permutation, so batches hold similar lengths and need less padding. Lightning calls
-    `set_epoch` each epoch and shards this order across ranks under DDP; `ResumableDataLoader`
-    continues it mid-epoch after a resume.
+    the permutation, so batches hold similar lengths and need less padding. Under data parallelism
+    (`num_replicas` > 1) rank r takes every num_replicas-th index of that order from position r, so
+    each rank's stream stays sorted within groups; the order is padded by repeating its start to a
+    multiple of num_replicas, as torch's DistributedSampler does. Being a DistributedSampler, Lightning
+    uses it as is instead of wrapping it in a shuffling one that would undo the grouping; it calls
+    `set_epoch` each epoch, and `ResumableDataLoader` continues the order mid-epoch after a resume.
     """
 
-    def __init__(self, lengths: Sequence[int], seed: int, group_size: int | None = None) -> None:
+    def __init__(self, lengths: Sequence[int], seed: int, group_size: int | None = None, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+        # DistributedSampler.__init__ would query torch.distributed: set its attributes directly.
         self.lengths, self.seed, self.group_size, self.epoch = list(lengths), seed, group_size, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+        self.num_replicas, self.rank, self.shuffle, self.drop_last = num_replicas, rank, True, False
+        self.num_samples = math.ceil(len(self.lengths) / num_replicas)
+        self.total_size = self.num_samples * num_replicas
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -349,7 +354,8 @@ class SeededSampler(Sampler[int]):
         if self.group_size:
             groups = [order[i:i + self.group_size] for i in range(0, len(order), self.group_size)]
             order = [i for group in groups for i in sorted(group, key=lambda i: -self.lengths[i])]
-        return iter(order)
+        order += (order * math.ceil(self.total_size / max(len(order), 1)))[:self.total_size - len(order)]
+        return iter(order[self.rank:self.total_size:self.num_replicas])
 
 
 @dataclass
@@ -462,7 +468,8 @@ class PreferenceDataModule(pl.LightningDataModule):
     Everything happens in `setup()`: read and validate records (errors name file, line, field),
     load the tokenizer, render prompts, tokenize, truncate. Batches are dicts (see `collate`).
     After setup: `tokenizer`, `train_records` / `val_records` / `test_records` (records of
-    `load_records` plus `prompt_text`, the rendered prompt), `truncation_stats` and `prompts()`.
+    `load_records` plus `prompt_text`, the rendered prompt), `features` (split -> the tokenized
+    records, see `tokenize_record`), `truncation_stats` and `prompts()`.
     The training loader's position is part of the checkpoint (`state_dict`), so `--ckpt_path`
     resumes mid-epoch with the very next batch.
 
@@ -508,7 +515,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.val_records: list[dict] | None = None
         self.test_records: list[dict] | None = None
         self.truncation_stats: dict = {}
-        self._features: dict[str, list[dict]] = {}
+        self.features: dict[str, list[dict]] = {}
         self.train_position = LoaderPosition()  # shared with every training loader (see LoaderPosition)
 
     def setup(self, stage: str | None = None) -> None:
@@ -540,9 +547,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         splits = {"train": train, "val": val, "test": test}
         for record in train + val + test:
             record["prompt_text"] = render_prompt(record["prompt"], tokenizer, chat, self.prompt_template)
-        self._features = {split: tokenize_records(records, tokenizer, self.max_length, chat)
+        self.features = {split: tokenize_records(records, tokenizer, self.max_length, chat)
                           for split, records in splits.items()}
-        stats = {split: sum(f["truncated"] for f in feats) for split, feats in self._features.items()}
+        stats = {split: sum(f["truncated"] for f in feats) for split, feats in self.features.items()}
         stats.update(truncated=sum(stats.values()), total=sum(map(len, splits.values())), max_length=self.max_length)
         if stats["truncated"]:
             _warn("truncated %d of %d records to max_length=%d", stats["truncated"], stats["total"], self.max_length)
@@ -550,19 +557,23 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.tokenizer, self.train_records, self.val_records, self.test_records = tokenizer, train, val, test
 
     def train_dataloader(self) -> DataLoader:
-        features = self._features["train"]
+        features = self.features["train"]
         lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"] or ())) for f in features]
-        sampler = SeededSampler(lengths, self.seed, 50 * self.batch_size if self.group_by_length else None)
+        ranks = {}  # data-parallel ranks, from the strategy as Lightning's own samplers get them
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ranks = {k: v for k, v in self.trainer.strategy.distributed_sampler_kwargs.items()
+                     if k in ("num_replicas", "rank")}
+        sampler = SeededSampler(lengths, self.seed, 50 * self.batch_size if self.group_by_length else None, **ranks)
         return self._loader(features, self.batch_size, sampler, position=self.train_position)
 
     def val_dataloader(self) -> DataLoader | list:
-        features = self._features["val"]
+        features = self.features["val"]
         # Lightning reads [] as "no validation" (and warns that its length is zero)
         return self._loader(features, self.eval_batch_size, None) if features else []
 
     def test_dataloader(self) -> DataLoader | list:
         """The test data (`test_path`); without one, the validation data."""
-        features = self._features["test"] if self.test_path else self._features["val"]
+        features = self.features["test"] if self.test_path else self.features["val"]
         return self._loader(features, self.eval_batch_size, None) if features else []
 
     def _loader(self, features: list[dict], batch_size: int, sampler: Sampler | None,
