@@ -108,6 +108,24 @@ def test_stages_skip_existing_outputs_and_force_redoes_them(tiny_strong, prompts
     assert not list(tmp_path.glob(".*partial"))  # outputs are renamed into place only when complete
 
 
+def test_atomic_path_replaces_a_folder_whole_or_not_at_all(tmp_path):
+    from wspo_lightning.pipeline.stage import atomic_path
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "old.safetensors").write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in out.iterdir()] == ["old.safetensors"]  # the failed write left it alone
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        (tmp / "model.safetensors").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]  # no file of the old folder survives
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # neither the partial nor the old folder is left
+
+
 def test_distilled_student_keeps_the_first_layers_and_the_tokenizer(tiny_strong, prompts, tmp_path):
     samples = sample(ModelSpec(str(tiny_strong)), str(prompts), str(tmp_path / "s.jsonl"), max_new_tokens=6)
     student = distill(ModelSpec(str(tiny_strong)), str(samples), str(tmp_path / "student"), layers=1,
@@ -140,3 +158,20 @@ def test_stage_commands_parse_flags_through_wspo(tiny_strong, prompts, tmp_path)
     assert all(-1 <= r["reward"] <= 1 for r in read_jsonl(tmp_path / "sc.jsonl"))
     assert wspo_main(["sample", "--model.path", str(tmp_path / "missing"), "--prompts", str(prompts),
                       "--out", str(tmp_path / "x.jsonl")]) == 2
+
+
+@torch.no_grad()
+def test_loaded_models_feed_the_lm_head_a_contiguous_slice_with_unchanged_logits(tiny_strong):
+    """`load_model` copies the kept hidden states before the lm_head (the strided slice is a slow path
+    on CPU, see benchmarks/lm_head_slice.py); the logits equal those of a plain from_pretrained model."""
+    from transformers import AutoModelForCausalLM
+
+    ours = load_model(ModelSpec(str(tiny_strong), dtype="bfloat16"))
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_strong), dtype=torch.bfloat16).eval()
+    seen = []
+    for model in (ours, plain):
+        model.get_output_embeddings().register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    ids = torch.randint(3, 200, (3, 11), generator=torch.Generator().manual_seed(0))
+    got, want = (m(input_ids=ids, logits_to_keep=4).logits for m in (ours, plain))
+    assert seen == [True, False]  # without the copy, transformers hands the lm_head a strided slice
+    assert torch.equal(got, want)

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+from wspo_lightning.pipeline.stage import atomic_path
+
 log = logging.getLogger(__name__)
 
 
@@ -51,7 +53,8 @@ class HFExport(pl.Callback):
     """At the end of `fit`, `save_pretrained` the policy and tokenizer into `dirpath`.
 
     The folder loads with `AutoModelForCausalLM.from_pretrained(dirpath)`. A sharded policy (FSDP,
-    FSDP2) is gathered on rank 0 first.
+    FSDP2) is gathered on rank 0 first. The folder is written beside `dirpath` and renamed into place,
+    so an existing export is replaced whole or not at all.
 
     Args:
         dirpath: output folder; None means `<trainer.log_dir>/hf_model`.
@@ -72,10 +75,10 @@ class HFExport(pl.Callback):
             policy, state_dict = unsharded_copy(policy, state_dict), None
         if hasattr(policy, "merge_and_unload") and self.merge_lora:
             policy = policy.merge_and_unload()
-        out.mkdir(parents=True, exist_ok=True)
-        policy.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out)
+        with atomic_path(out) as tmp:  # a run killed mid-write leaves the previous export (or none), never half a one
+            policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         log.info("exported the policy to %s", out)
         self.exported_to = out

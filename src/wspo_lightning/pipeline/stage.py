@@ -50,11 +50,20 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
     if tmp.exists():
         shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     yield tmp
-    os.replace(tmp, out)
+    if out.is_dir():  # a folder cannot be replaced in one rename: move the old one aside first
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Records of a JSONL file; a bad line or a missing field raises InputError naming file and line."""
+def read_jsonl(path: str | Path, required: Iterable[str | tuple[str, ...]] = ()) -> list[dict]:
+    """Records of a JSONL file; a bad line or a missing field raises InputError naming file and line.
+
+    A `required` entry may be a tuple of alternative names (at least one must be present)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -70,8 +79,9 @@ def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
             if not isinstance(record, dict):
                 raise located(path, number, None, "expected a JSON object per line")
             for field in required:
-                if field not in record:
-                    raise located(path, number, field, "missing")
+                names = (field,) if isinstance(field, str) else field
+                if not any(name in record for name in names):
+                    raise located(path, number, " or ".join(names), "missing")
             records.append(record)
     return records
 
@@ -88,10 +98,9 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
 def chat_text(tokenizer: Any, prompt: str) -> str:
     """The prompt as the model sees it before the response: its chat template with the
     generation prompt, or the bare text for a tokenizer without a template."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-    return prompt
+    from wspo_lightning.decoding.sampling import format_prompts
+
+    return format_prompts(tokenizer, [prompt])[0]
 
 
 def resolve_device(device: str) -> str:
