@@ -136,6 +136,34 @@ def test_proxy_sampling_with_caches_equals_recomputing_every_prefix(models, tok)
     assert seq[0, ids.shape[1]:].tolist() == got[0].tolist()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("alpha, temperature, top_p", [(0.0, 1.0, 1.0), (1.5, 0.7, 0.9)])
+def test_sampled_logps_are_the_log_likelihood_under_the_sampler(models, tok, alpha, temperature, top_p):
+    """Each drawn token's returned log-prob equals log_softmax of the scores it was drawn from, rebuilt
+    here by full forwards of one unpadded sequence; at alpha 0 and temperature 1 that is the strong
+    model's own log-likelihood (what `evaluate` needs for its KL estimate)."""
+    ids = torch.tensor([prompt_ids(tok, PROMPTS[2])])
+    tokens, ended_at, logps = proxy_sample(
+        models["strong"], ids, None, models["weak_aligned"], models["weak_base"], alpha=alpha,
+        temperature=temperature, top_p=top_p, seed=5, max_new_tokens=12, eos_token_id=EOS,
+        return_ended_at=True, return_logps=True)
+    n = int(ended_at[0]) + 1 if ended_at[0] >= 0 else tokens.shape[1]
+    seq = torch.cat([ids, tokens[:, :n]], dim=1)
+    steps = torch.arange(ids.shape[1] - 1, seq.shape[1] - 1)
+    s, a, b = (models[k](seq).logits[0, steps].float() for k in ("strong", "weak_aligned", "weak_base"))
+    scores = (s + alpha * (a.log_softmax(-1) - b.log_softmax(-1))) / temperature
+    sorted_scores, order = scores.sort(dim=-1, descending=True)
+    outside = sorted_scores.softmax(-1).cumsum(-1) > top_p  # nucleus: keep tokens until mass top_p
+    outside[:, 1:] = outside[:, :-1].clone()
+    outside[:, 0] = False
+    scores = scores.scatter(1, order, sorted_scores.masked_fill(outside, float("-inf")))
+    expected = scores.log_softmax(-1).gather(1, tokens[0, :n, None]).squeeze(1)
+    torch.testing.assert_close(logps[0, :n], expected, rtol=1e-4, atol=1e-4)
+    assert torch.all(logps[0, n:] == 0)
+    if alpha == 0 and temperature == 1:
+        assert torch.allclose(logps[0, :n], s.log_softmax(-1).gather(1, tokens[0, :n, None]).squeeze(1), atol=1e-4)
+
+
 def test_num_samples_repeats_each_prompt_like_num_return_sequences(models, batch):
     """Encoding each prompt once and repeating its cache draws what generate() draws for n copies."""
     ids, mask = batch

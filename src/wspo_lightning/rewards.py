@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 
 class Reward(Protocol):
@@ -23,3 +23,18 @@ class VaderReward:
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         return [self._analyzer.polarity_scores(text)["compound"] for text in responses]
+
+
+NAMES = {"vader": "wspo_lightning.rewards.VaderReward"}
+"""Short names accepted wherever a reward is asked for."""
+
+
+def load_reward(reward: str | Any) -> Reward:
+    """A reward from a short name (`vader`), an import path (`pkg.module.Class` or `pkg.module:Class`;
+    a class is built with no arguments), or an instance (returned as given)."""
+    if not isinstance(reward, str):
+        return reward
+    from wspo_lightning.pipeline.stage import import_object
+
+    obj = import_object(NAMES.get(reward, reward))
+    return obj() if isinstance(obj, type) else obj

@@ -39,7 +39,6 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
 
 from __future__ import annotations
 
-import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,8 +49,7 @@ import torch
 from wspo_lightning.errors import InputError, located
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.stage import write_jsonl
-
-REWARDS = {"vader": "wspo_lightning.rewards.VaderReward"}
+from wspo_lightning.rewards import load_reward
 
 
 @dataclass
@@ -63,7 +61,9 @@ class GenerateConfig:
     prompts: str
     """JSONL file with a `prompt` string on every line."""
     output: str = "generations.jsonl"
-    """Output JSONL: prompt, completion, score, finished, reward (if asked) and settings per line."""
+    """Output JSONL per line: id (if the prompt has one), prompt, completion, score (weak-pair reward), finished,
+    response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs),
+    reward (if asked) and settings."""
     weak_base: ModelSpec | None = None
     """Weak model before alignment (needed by proxy and cbs)."""
     weak_aligned: ModelSpec | None = None
@@ -157,19 +157,6 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def load_reward(name: str):
-    """A gold reward (`wspo_lightning.rewards.Reward`) by short name or import path."""
-    target = REWARDS.get(name, name)
-    module_name, _, attr = target.replace(":", ".").rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr) if module_name else None
-    except (ImportError, AttributeError) as err:
-        raise InputError(f"generate: reward {name!r}: cannot import {target} ({err})") from err
-    if obj is None:
-        raise InputError(f"generate: reward {name!r}: expected vader or an import path like pkg.module.Reward")
-    return obj() if isinstance(obj, type) else obj
-
-
 def build_parser():
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
@@ -213,11 +200,13 @@ def generate(config: GenerateConfig) -> list[dict]:
         for first in range(0, len(records), config.batch_size):
             batch = records[first: first + config.batch_size]
             prompts = [r["prompt"] for r in batch]
-            completions, scores, finished = decoder(prompts)
-            rewards = reward(prompts, completions) if reward is not None else [None] * len(batch)
-            for record, completion, score, end, value in zip(batch, completions, scores, finished, rewards):
+            generations = decoder(prompts)
+            rewards = (reward(prompts, [g.completion for g in generations]) if reward is not None
+                       else [None] * len(batch))
+            for record, g, value in zip(batch, generations, rewards):
                 row = {"id": record["id"]} if "id" in record else {}
-                row.update(prompt=record["prompt"], completion=completion, score=score, finished=end)
+                row.update(prompt=record["prompt"], completion=g.completion, score=g.score, finished=g.finished,
+                           response_ids=g.token_ids, num_tokens=len(g.token_ids), logp=g.logp)
                 if reward is not None:
                     row["reward"] = float(value)
                 row["settings"] = settings

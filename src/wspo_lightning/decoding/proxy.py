@@ -49,7 +49,8 @@ def proxy_sample(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     return_ended_at: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
+    return_logps: bool = False,
+) -> Tensor | tuple[Tensor, ...]:
     """Sample continuations of left-padded prompts; returns the new tokens [rows, generated].
 
     Args:
@@ -66,6 +67,10 @@ def proxy_sample(
         seed / generator: randomness; neither means torch's global RNG. Draws consume it exactly as
             `strong.generate(do_sample=True, top_k=0)` does, so equal seeds give equal tokens at alpha 0.
         return_ended_at: also return, per row, the index of the token that ended it (-1: cut at the limit).
+        return_logps: also return [rows, generated] float32: the log-probability of each drawn token under
+            the distribution it was drawn from (after the weak shift, temperature and top_p; 0 when greedy;
+            0 after a row ended). Their sum over a response is its exact log-likelihood under this sampler,
+            so KL(sampler || strong) can be estimated from the samples.
     """
     check_sampling(temperature, top_p, max_new_tokens)
     if num_samples < 1:
@@ -96,9 +101,15 @@ def proxy_sample(
     tokens = input_ids.new_zeros((rows, 0))  # [rows, generated]
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     ended_at = torch.full((rows,), -1, dtype=torch.long, device=device)
+    logps = []  # per step [rows]
     for step in range(max_new_tokens):
         scores = proxy_logits(logits[0], *(logits[1:] if alpha != 0 else (None, None)), alpha)
-        token = draw(warp(scores, temperature, top_p), temperature, generator)
+        warped = warp(scores, temperature, top_p)
+        token = draw(warped, temperature, generator)
+        if return_logps:
+            drawn = (torch.zeros(rows, device=device) if temperature == 0
+                     else torch.log_softmax(warped, dim=-1).gather(1, token[:, None]).squeeze(1))
+            logps.append(torch.where(done, 0.0, drawn))
         token = torch.where(done, pad_token_id, token)
         tokens = torch.cat([tokens, token[:, None]], dim=1)
         ended, _ = stopper(tokens)
@@ -107,7 +118,8 @@ def proxy_sample(
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         logits = [state.extend(token[:, None].to(state.device)) for state in states]
-    return (tokens, ended_at) if return_ended_at else tokens
+    extra = ([ended_at] if return_ended_at else []) + ([torch.stack(logps, dim=1)] if return_logps else [])
+    return (tokens, *extra) if extra else tokens
 
 
 def sample(model, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -15,8 +16,25 @@ from wspo_lightning.decoding.scorer import WeakPairScorer
 from wspo_lightning.models import check_same_vocabulary, load_model, load_tokenizer
 
 
+@dataclass
+class Generation:
+    """One decoded response."""
+
+    completion: str
+    """Response text (special tokens dropped), cut before the first stop string."""
+    token_ids: list[int]
+    """Strong-model response ids, up to and including the token that ended it."""
+    score: float | None
+    """Weak-pair reward of the response (None without a weak pair)."""
+    finished: bool
+    """Ended by EOS or a stop string (False: cut at max_new_tokens)."""
+    logp: float | None
+    """Log-likelihood of the response under the sampler that drew it (sample, proxy); None for CBS,
+    whose search has no tractable likelihood."""
+
+
 class Decoder:
-    """`decoder(prompts) -> (completions, weak scores or None, finished flags)` for one config."""
+    """`decoder(prompts) -> [Generation per prompt]` for one config."""
 
     def __init__(self, config, device: torch.device) -> None:
         self.config = config
@@ -36,7 +54,7 @@ class Decoder:
         self.device = device
         self.generator = make_generator(config.seed, device)
 
-    def __call__(self, prompts: Sequence[str]) -> tuple[list[str], list[float | None], list[bool]]:
+    def __call__(self, prompts: Sequence[str]) -> list[Generation]:
         c = self.config
         if c.method == "cbs":
             results = chunk_beam_search(
@@ -44,18 +62,19 @@ class Decoder:
                 prompts, beam_width=c.beam_width, num_continuations=c.num_continuations, chunk_length=c.chunk_length,
                 max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, stop_strings=c.stop,
                 chat_template=c.chat_template, generator=self.generator)
-            return [r.completion for r in results], [r.score for r in results], [r.finished for r in results]
+            return [Generation(r.completion, r.token_ids, r.score, r.finished, None) for r in results]
         return self._sample(prompts)
 
-    def _sample(self, prompts: Sequence[str]) -> tuple[list[str], list[float | None], list[bool]]:
+    def _sample(self, prompts: Sequence[str]) -> list[Generation]:
         c = self.config
         pad = self.tokenizer.pad_token_id or 0
         input_ids, attention_mask = left_pad(encode_prompts(self.tokenizer, prompts, c.chat_template), pad, self.device)
         weak = (self.scorer.weak_aligned, self.scorer.weak_base) if c.method == "proxy" else (None, None)
-        tokens, ended_at = proxy_sample(
+        tokens, ended_at, logps = proxy_sample(
             self.strong, input_ids, attention_mask, *weak, alpha=c.alpha if c.method == "proxy" else 0.0,
             temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, pad_token_id=pad,
-            stop_strings=c.stop, tokenizer=self.tokenizer, generator=self.generator, return_ended_at=True)
+            stop_strings=c.stop, tokenizer=self.tokenizer, generator=self.generator, return_ended_at=True,
+            return_logps=True)
         responses = response_tokens(tokens, ended_at)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         finished = (ended_at >= 0).tolist()
@@ -67,4 +86,5 @@ class Decoder:
                 eos = set(eos_ids(self.strong, self.tokenizer))
                 ended = [bool(r) and r[-1] in eos for r in responses]
                 scores = self.scorer.score(prompts, texts, ended)
-        return [truncate_at_stop(t, c.stop) for t in texts], scores, finished
+        return [Generation(truncate_at_stop(text, c.stop), ids, score, end, float(row_logps.sum()))
+                for text, ids, score, end, row_logps in zip(texts, responses, scores, finished, logps)]

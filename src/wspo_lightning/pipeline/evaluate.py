@@ -3,8 +3,8 @@
 Every row is a file of scored samples (`wspo sample` then `wspo score`) on the same held-out
 prompts. Per row: mean gold reward with a bootstrap 95% interval, the paired difference to a
 baseline row with its interval, KL(row || reference) estimated from the samples as the mean of
-log pi_row(y|x) - log pi_reference(y|x) (nats per response), mean length, distinct-n, and the
-most repeated word. Intervals resample prompts (all samples of a prompt together), so several
+log pi_row(y|x) - log pi_reference(y|x) (nats per response; none for a row without likelihoods, such
+as chunk-level beam search), mean length, distinct-n, and the most repeated word. Intervals resample prompts (all samples of a prompt together), so several
 samples per prompt do not narrow them falsely.
 """
 
@@ -109,6 +109,11 @@ def reference_logps(model, tokenizer, records: list[dict], batch_size: int = 16,
     return result
 
 
+def has_likelihood(records: list[dict]) -> bool:
+    """Whether every record carries the log-likelihood of its sampler (`logp`; null after a search)."""
+    return all(r.get("logp") is not None for r in records)
+
+
 def paired_difference(records: list[dict], other: list[dict], n_boot: int = 2000, seed: int = 0
                       ) -> tuple[float, list[float]]:
     """Mean over shared prompts of (mean reward here - mean reward in `other`), with its bootstrap 95% interval."""
@@ -125,14 +130,17 @@ def row_stats(name: str, records: list[dict], baseline: list[dict] | None, n_boo
     """The numbers of one row (see the module docstring)."""
     rewards = _by_prompt(records, "reward")
     texts = [r["response"] for r in records]
-    kl = np.array([r["logp"] - r["ref_logp"] for r in records])
+    kl = kl_ci = None  # a search (CBS) has no likelihood to estimate KL with
+    if has_likelihood(records):
+        per_record = [{"id": r["id"], "kl": r["logp"] - r["ref_logp"]} for r in records]
+        kl = float(np.mean([r["kl"] for r in per_record]))
+        kl_ci = list(bootstrap_ci(list(_by_prompt(per_record, "kl").values()), n_boot, seed))
     stats = {
         "name": name,
         "gold_reward_mean": float(np.mean([r["reward"] for r in records])),
         "gold_reward_ci": list(bootstrap_ci(list(rewards.values()), n_boot, seed)),
-        "kl": float(kl.mean()),
-        "kl_ci": list(bootstrap_ci(list(_by_prompt([{**r, "kl": k} for r, k in zip(records, kl)], "kl").values()),
-                                   n_boot, seed)),
+        "kl": kl,
+        "kl_ci": kl_ci,
         "mean_length": float(np.mean([r["num_tokens"] for r in records])),
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
@@ -173,6 +181,8 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
     model = tokenizer = None
     for i, row in enumerate(rows):
         cache = cache_dir / f"{i:02d}.jsonl"
+        if not has_likelihood(data[row.name]):
+            continue
         cached = read_jsonl(cache) if cache.exists() and not force else None
         if cached is None or len(cached) != len(data[row.name]):
             if model is None:

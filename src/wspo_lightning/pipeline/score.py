@@ -8,19 +8,10 @@ given by its import path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 from tqdm.auto import tqdm
 
-from wspo_lightning.pipeline.stage import done, import_object, read_jsonl, run_main, say, write_jsonl
-
-
-def load_reward(reward: str | Any) -> Any:
-    """A reward instance from an import path (`pkg.module.Class`, built with no arguments) or as given."""
-    if not isinstance(reward, str):
-        return reward
-    obj = import_object(reward)
-    return obj() if isinstance(obj, type) else obj
+from wspo_lightning.pipeline.stage import done, read_jsonl, run_main, say, write_jsonl
+from wspo_lightning.rewards import load_reward
 
 
 def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderReward", batch_size: int = 64,
@@ -28,7 +19,8 @@ def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderRew
     """Score each record's `response` with `reward` and write the records with a `reward` field.
 
     Args:
-        samples: JSONL with `prompt` and `response` fields (the output of `wspo sample`).
+        samples: JSONL with `prompt` and `response` fields (the output of `wspo sample`), or `completion`
+            (the output of `wspo generate`, copied to `response`).
         out: output JSONL: the input records plus `reward`.
         reward: import path of a reward class or function (see `wspo_lightning.rewards`).
         batch_size: responses passed to the reward at once.
@@ -36,7 +28,9 @@ def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderRew
     """
     if done("score", out, force):
         return Path(out)
-    records = read_jsonl(samples, required=["prompt", "response"])
+    records = read_jsonl(samples, required=["prompt", ("response", "completion")])
+    for record in records:  # `wspo generate` writes `completion`: later stages read `response`
+        record.setdefault("response", record.get("completion"))
     scorer = load_reward(reward)
     name = reward if isinstance(reward, str) else type(reward).__name__
     say("score", f"{len(records)} responses of {samples} with {name}")
