@@ -19,7 +19,7 @@ from wspo_lightning.demo.settings import PRESETS, DemoSettings
 from wspo_lightning.tiny import build_tokenizer, write_tiny_model
 
 ROWS = ["weak base", "weak aligned", "strong base", "strong + WSPO (gamma=1)", "strong + WSPO (gamma=2)",
-        "strong + DPO"]
+        "strong + DPO", "strong + proxy (alpha=1)", "strong + CBS", "strong + WSPO (gamma=1) + CBS"]
 RESULT_KEYS = {"name", "gold_reward_mean", "gold_reward_ci", "kl", "mean_length", "n", "distinct_2",
                "diff_vs_baseline", "diff_vs_baseline_ci"}
 
@@ -48,6 +48,7 @@ def demo_run(tmp_path_factory):
 def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
     out, _, results = demo_run
     for path in ["data/prompts_train.jsonl", "data/prompts_heldout.jsonl", "data/pairs.jsonl",
+                 "data/wspo_frozen_cache/manifest.json",
                  "samples/strong_train.jsonl", "samples/weak_train.scored.jsonl",
                  "models/weak_base/config.json", "models/weak_aligned/model.safetensors",
                  "models/wspo_gamma1/model.safetensors", "models/wspo_gamma2/model.safetensors",
@@ -59,19 +60,43 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
         assert (out / "configs" / f"{run}.yaml").exists(), run  # resolved by LightningCLI
         assert "train/loss" in (out / "runs" / run / "logs" / "metrics.csv").read_text()
     assert len(list((out / "wandb").glob("offline-run-*"))) == 4
+    for gamma in ("1", "2"):  # both WSPO fits read the frozen roles from the one cache
+        assert f"cache_dir: {out / 'data' / 'wspo_frozen_cache'}\n" in (out / f"configs/wspo_gamma{gamma}.yaml").read_text()
     assert json.loads((out / "models/weak_base/config.json").read_text())["num_hidden_layers"] == 1
 
     assert [r["name"] for r in results] == ROWS
     assert json.loads((out / "results.json").read_text()) == results
     for row in results:
         assert RESULT_KEYS <= set(row)
-        assert row["n"] == TINY.n_eval_prompts * TINY.eval_samples
+        per_prompt = TINY.cbs_samples if row["name"].endswith("CBS") else TINY.eval_samples
+        assert row["n"] == TINY.n_eval_prompts * per_prompt
         low, high = row["gold_reward_ci"]
         assert low <= row["gold_reward_mean"] <= high
     strong_base = results[2]
     assert abs(strong_base["kl"]) < 1e-2 and strong_base["diff_vs_baseline"] == 0.0
+    proxy, cbs, wspo_cbs = results[6:]
+    assert proxy["kl"] > 0 and cbs["kl"] is None and wspo_cbs["kl"] is None  # a search has no likelihood
     report = (out / "report.md").read_text()
     assert "| strong + WSPO (gamma=2) |" in report and "amplif" in report
+    assert "| strong + CBS |" in report and "n/a (search)" in report
+
+
+def test_demo_decoding_rows_are_what_their_method_writes(demo_run):
+    """The CBS rows carry the best beam's weak-pair score, recomputed here from the text by the weak pair;
+    the proxy row's likelihoods make its KL estimate (one per response) positive on average."""
+    from wspo_lightning.decoding.scorer import WeakPairScorer
+    from wspo_lightning.models import ModelSpec, load_model, load_tokenizer
+    from wspo_lightning.pipeline.stage import read_jsonl
+
+    out, strong, _ = demo_run
+    weak = {role: load_model(ModelSpec(str(out / "models" / role), dtype="bfloat16"))
+            for role in ("weak_aligned", "weak_base")}
+    scorer = WeakPairScorer(weak["weak_aligned"], weak["weak_base"], load_tokenizer(ModelSpec(str(strong))))
+    rows = read_jsonl(out / "samples/eval/07_strong___CBS.scored.jsonl")
+    assert len(rows) == TINY.n_eval_prompts * TINY.cbs_samples
+    assert all(r["settings"]["method"] == "cbs" and r["logp"] is None for r in rows)
+    expected = scorer.score_ids(scorer.prompt_ids([r["prompt"] for r in rows]), [r["response_ids"] for r in rows])
+    assert [r["score"] for r in rows] == pytest.approx(expected, abs=0.05)  # bfloat16 scoring
 
 
 def test_demo_rerun_skips_finished_stages_and_prints_the_table(demo_run, capsys):

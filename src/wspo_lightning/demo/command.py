@@ -3,7 +3,9 @@
     strong model (SmolLM2-135M-Instruct, converted once to safetensors)
       -> sample on train prompts -> distil 4 of its 30 layers      = weak base
       -> weak samples -> gold reward (VADER) -> pairs -> DPO          = weak aligned
-      -> WSPO of the strong model per gamma; DPO of the strong model on the same pairs
+      -> frozen roles' log-probs cached once -> WSPO of the strong model per gamma (policy only);
+         DPO of the strong model on the same pairs
+      -> test-time decoding with the same weak pair: proxy sampling, CBS, CBS over the WSPO model
       (every row is sampled on the held-out prompts and scored as soon as its model exists)
       -> evaluate -> report
 
@@ -32,7 +34,7 @@ from wspo_lightning.pipeline.fit import fit
 from wspo_lightning.pipeline.pairs import pairs
 from wspo_lightning.pipeline.sample import sample
 from wspo_lightning.pipeline.score import score
-from wspo_lightning.pipeline.stage import RUNS, say, write_jsonl
+from wspo_lightning.pipeline.stage import RUNS, atomic_path, done, read_jsonl, say, write_jsonl
 
 VADER = "wspo_lightning.rewards.VaderReward"
 
@@ -64,6 +66,41 @@ class Timer:
 def bf16(path: Path) -> ModelSpec:
     """Frozen models sample and score in bfloat16: on CPU steadier and several times faster than float32."""
     return ModelSpec(str(path), dtype="bfloat16")
+
+
+def decode(s: DemoSettings, method: str, strong: Path, models: Path, prompts: Path, out: Path, force: bool) -> None:
+    """`wspo generate` (proxy or CBS, steered by the demo's weak pair) on the held-out prompts, each prompt
+    `eval_samples` times (CBS: `cbs_samples`), with the sampling stages' length limit and temperature."""
+    from wspo_lightning.decoding.command import GenerateConfig, generate
+
+    if done("generate", out, force):
+        return
+    cbs = method == "cbs"
+    repeated = out.with_name(f"{out.stem}.prompts.jsonl")
+    write_jsonl(repeated, [r for r in read_jsonl(prompts) for _ in range(s.cbs_samples if cbs else s.eval_samples)])
+    generate(GenerateConfig(
+        strong=bf16(strong), weak_base=bf16(models / "weak_base"), weak_aligned=bf16(models / "weak_aligned"),
+        prompts=str(repeated), output=str(out), method=method, alpha=s.proxy_alpha, beam_width=s.cbs_beam_width,
+        num_continuations=s.cbs_continuations, chunk_length=s.cbs_chunk_length, max_new_tokens=s.max_new_tokens,
+        seed=s.seed + 2,
+        batch_size=max(s.sample_batch_size // (s.cbs_beam_width * s.cbs_continuations if cbs else 1), 1)))
+    repeated.unlink()
+
+
+def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> None:
+    """`wspo precompute` for a fit config into `cache`, skipped when it exists (written aside, renamed when whole)."""
+    import yaml
+
+    from wspo_lightning.precompute import precompute
+
+    if done("precompute", cache, force):
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "precompute.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    with atomic_path(cache) as tmp:
+        precompute(["--config", str(path), f"--model.init_args.cache_dir={tmp}"],
+                   command=f"wspo precompute --config {path} --model.init_args.cache_dir {cache}")
 
 
 def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, cache_dir: str | None = None,
@@ -103,16 +140,20 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
 
     eval_rows: list[EvalRow] = []
 
-    def held_out(name: str, model: Path) -> None:
-        """Sample and score one row on the held-out prompts as soon as its model exists (same
-        settings and seed for every row), so a stopped run keeps every finished row."""
+    def held_out(name: str, model: Path, method: str = "sample") -> None:
+        """Sample (or decode with `method`: proxy, cbs) and score one row on the held-out prompts as soon
+        as its model exists (same length limit, temperature and seed for every row), so a stopped run
+        keeps every finished row."""
         slug = f"{len(eval_rows):02d}_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        raw, scored = samples / "eval" / f"{slug}.jsonl", samples / "eval" / f"{slug}.scored.jsonl"
         with timer(f"held-out samples: {name}"):
-            sample(bf16(model), str(eval_prompts), str(samples / "eval" / f"{slug}.jsonl"),
-                   num_samples=s.eval_samples, seed=s.seed + 2, **sampling)
-            score(str(samples / "eval" / f"{slug}.jsonl"), str(samples / "eval" / f"{slug}.scored.jsonl"),
-                  reward=reward, force=force)
-        eval_rows.append(EvalRow(name, str(samples / "eval" / f"{slug}.scored.jsonl")))
+            if method == "sample":
+                sample(bf16(model), str(eval_prompts), str(raw), num_samples=s.eval_samples, seed=s.seed + 2,
+                       **sampling)
+            else:
+                decode(s, method, model, models, eval_prompts, raw, force)
+            score(str(raw), str(scored), reward=reward, force=force)
+        eval_rows.append(EvalRow(name, str(scored)))
 
     # 1. Weak base: 4 of the strong model's layers, distilled on its own samples.
     with timer("weak base: strong samples"):
@@ -137,13 +178,19 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
     held_out("weak aligned", models / "weak_aligned")
     held_out("strong base", strong_dir)
 
-    # 3. Strong: WSPO per gamma, and DPO directly on the same pairs.
+    # 3. Strong: WSPO per gamma, and DPO directly on the same pairs. The frozen roles' values (reference
+    # log-probs, delta_weak) do not depend on gamma: computed once, every WSPO fit loads only the policy.
+    def wspo(gamma: float, name: str, cache: Path | None = None) -> dict:
+        return wspo_config(s, strong_dir, models / "weak_base", models / "weak_aligned", data / "pairs.jsonl",
+                           runs / name, root, name, gamma, cache)
+
+    cache = data / "wspo_frozen_cache"
+    with timer("strong WSPO: precompute frozen roles"):
+        precompute_stage(wspo(s.gammas[0], "wspo_precompute"), cache, runs / "wspo_precompute", force)
     for gamma in s.gammas:
         name = f"wspo_gamma{gamma_slug(gamma)}"
         with timer(f"strong WSPO gamma={gamma:g}"):
-            fit(wspo_config(s, strong_dir, models / "weak_base", models / "weak_aligned", data / "pairs.jsonl",
-                            runs / name, root, name, gamma),
-                str(models / name), str(runs / name), force=force)
+            fit(wspo(gamma, name, cache), str(models / name), str(runs / name), force=force)
         held_out(f"strong + WSPO (gamma={gamma:g})", models / name)
     with timer("strong DPO"):
         fit(dpo_config(s, strong_dir, data / "pairs.jsonl", runs / "strong_dpo", root, "strong_dpo",
@@ -151,11 +198,18 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
             str(models / "strong_dpo"), str(runs / "strong_dpo"), force=force)
     held_out("strong + DPO", models / "strong_dpo")
 
-    # 4. Evaluate: reward intervals, KL to the strong base, diversity, paired differences.
+    # 4. Test-time weak-to-strong decoding with the same weak pair: no training of the strong model.
+    if s.decoding_rows:
+        held_out(f"strong + proxy (alpha={s.proxy_alpha:g})", strong_dir, "proxy")
+        held_out("strong + CBS", strong_dir, "cbs")
+        first = f"wspo_gamma{gamma_slug(s.gammas[0])}"
+        held_out(f"strong + WSPO (gamma={s.gammas[0]:g}) + CBS", models / first, "cbs")
+
+    # 5. Evaluate: reward intervals, KL to the strong base, diversity, paired differences.
     with timer("evaluate"):
         evaluate(eval_rows, bf16(strong_dir), str(root / "results.json"), baseline="strong base", force=force)
 
-    # 5. Report: table, plots, configs.
+    # 6. Report: table, plots, configs.
     from wspo_lightning.demo.report import write_report
 
     with timer("report"):

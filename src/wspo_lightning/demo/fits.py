@@ -54,15 +54,17 @@ def dpo_config(s: DemoSettings, policy: Path, pairs: Path, run_dir: Path, wandb_
 
 
 def wspo_config(s: DemoSettings, policy: Path, weak_base: Path, weak_aligned: Path, pairs: Path, run_dir: Path,
-                wandb_dir: Path, name: str, gamma: float) -> dict:
-    """WSPO on the chosen responses of the pairs (the rejected ones only feed the validation margins)."""
+                wandb_dir: Path, name: str, gamma: float, cache_dir: Path | None = None) -> dict:
+    """WSPO on the chosen responses of the pairs (the rejected ones only feed the validation margins);
+    with `cache_dir` (`wspo precompute`), the frozen roles' values come from there."""
     return {
         "seed_everything": s.seed,
         "trainer": _trainer(s, run_dir, wandb_dir, name, s.wspo_epochs),
         "model": {"class_path": "wspo_lightning.module.WSPOModule", "init_args": {
             "policy": _spec(policy), "weak_base": _spec(weak_base),
             "weak_aligned": _spec(weak_aligned), "gamma": gamma,
-            "learning_rate": s.wspo_learning_rate, "warmup_ratio": 0.1, "freeze_embeddings": True}},
+            "learning_rate": s.wspo_learning_rate, "warmup_ratio": 0.1, "freeze_embeddings": True,
+            "cache_dir": str(cache_dir) if cache_dir else None}},
         "data": _data(s, pairs),
     }
 

@@ -25,8 +25,22 @@ WEAK_MODEL_NOTE = (
 )
 
 
+DECODING_NOTE = (
+    "No training of the strong model: the same weak pair steers it while it decodes (`wspo generate`). "
+    "Proxy / EFT sampling draws each token from log p_strong + {proxy_alpha} * (log p_weak_aligned - "
+    "log p_weak_base); its KL is estimated from the exact log-likelihood of that sampler. Chunk-level beam "
+    "search keeps W={cbs_beam_width} beams, samples K={cbs_continuations} continuations of L={cbs_chunk_length} "
+    "tokens from each, and keeps the W with the highest weak log-ratio summed over the response so far. "
+    "A search has no likelihood, so its KL is not estimated. The last row runs the search over the WSPO model."
+)
+
+
 def _fmt_ci(ci: list[float]) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
+def _fmt_kl(kl: float | None) -> str:
+    return "n/a (search)" if kl is None else f"{kl:.2f}"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -38,7 +52,7 @@ def markdown_table(results: list[dict]) -> str:
                 if "diff_vs_baseline" in r else "")
         word, share = r.get("top_word", ["", 0.0])
         lines.append(f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
-                     f"| {r['kl']:.2f} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
+                     f"| {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
                      f"| {word} ({share:.0%}) | {r['n']} |")
     return "\n".join(lines)
 
@@ -55,7 +69,8 @@ def verdicts(results: list[dict], rows: list[EvalRow]) -> list[str]:
         lo, hi = r["diff_vs_baseline_ci"]
         beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
         lines.append(f"- **{r['name']}** {beats} the strong base: {r['diff_vs_baseline']:+.3f} "
-                     f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])}), at KL {r['kl']:.2f} nats.")
+                     f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
+                     + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats."))
         if "WSPO" in r["name"] and "weak aligned" in by_name:
             diff, ci = paired_difference(samples[r["name"]], samples["weak aligned"])
             verdict = ("amplifies: it beats the weak aligned model" if ci[0] > 0 else
@@ -101,14 +116,14 @@ def plot_reward_vs_kl(results: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     # The weak rows sit hundreds of nats away (another model's text): they would squash the strong rows.
-    for r in [r for r in results if r["name"].startswith("strong")]:
+    for r in [r for r in results if r["name"].startswith("strong") and r["kl"] is not None]:
         lo, hi = r["gold_reward_ci"]
         m = r["gold_reward_mean"]
         ax.errorbar(r["kl"], m, yerr=[[m - lo], [hi - m]], fmt="o", capsize=3)
         ax.annotate(r["name"], (r["kl"], m), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xlabel("KL to the strong base (nats per response, from samples)")
     ax.set_ylabel("mean gold reward")
-    ax.set_title("Reward vs KL (strong rows; weak rows' KL is in the table)")
+    ax.set_title("Reward vs KL (strong sampled rows; the rest are in the table)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -168,7 +183,8 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
     timing_lines = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
     text = "\n".join([
         "# WSPO demo: controlled sentiment (SmolLM2-135M-Instruct, VADER gold reward)", "",
-        f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row, "
+        f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row "
+        f"(CBS rows: {settings.get('cbs_samples', settings['eval_samples'])} search per prompt), "
         f"up to {settings['max_new_tokens']} new tokens, temperature 1 (untempered, so KL estimates are unbiased).",
         "KL is the mean of log pi_row(y|x) - log pi_strong_base(y|x) over the row's samples (nats per response). "
         "Intervals are bootstrap 95% over prompts; 'vs strong base' is the paired difference per prompt.", "",
@@ -180,6 +196,8 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
         "## The weak pair", "", WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
         "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
         "(best vs worst of two per training prompt by the gold reward; ties dropped).", "",
+        "## Test-time decoding rows", "", DECODING_NOTE.format(**{k: settings.get(k) for k in (
+            "proxy_alpha", "cbs_beam_width", "cbs_continuations", "cbs_chunk_length")}), "",
         "## Example completions", "", *examples,
         "## Files", "",
         "- `results.json`: the table as data; `settings.json`: sizes and hyper-parameters",

@@ -15,16 +15,16 @@ class DemoSettings:
     """Held-out prompts for the results table."""
     eval_samples: int = 2
     """Samples per held-out prompt and row."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     """Response length cap (tokens), for every sampling stage."""
-    sample_batch_size: int = 32
+    sample_batch_size: int = 64
     """Sequences generated together."""
     distill_prompts: int = 240
     """Training prompts the strong model answers (once each) to teach the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
     last layer beside the first ones halves the distillation loss reached in the same steps."""
-    distill_epochs: int = 3
+    distill_epochs: int = 2
     """Passes over the strong samples."""
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
@@ -50,8 +50,20 @@ class DemoSettings:
     """Training batch size of every fit."""
     val_fraction: float = 0.08
     """Share of the pairs held out for the validation curves (reward margins)."""
-    val_checks: int = 2
+    val_checks: int = 1
     """Validations per epoch of each fit (points of the margin curves)."""
+    decoding_rows: bool = True
+    """Also evaluate test-time weak-to-strong decoding: strong + proxy, strong + CBS, WSPO model + CBS."""
+    proxy_alpha: float = 1.0
+    """Proxy / EFT sampling: weight of the weak log-ratio added to the strong logits."""
+    cbs_beam_width: int = 2
+    """CBS: W, beams kept per prompt (smaller than the library's default 4, for CPU time)."""
+    cbs_continuations: int = 2
+    """CBS: K, continuations sampled per beam and chunk."""
+    cbs_chunk_length: int = 8
+    """CBS: L, tokens per chunk."""
+    cbs_samples: int = 1
+    """CBS searches per held-out prompt (a search costs W*K samples: fewer than `eval_samples`, for CPU time)."""
     seed: int = 0
     """Seed of prompts, sampling, data order and training."""
 
