@@ -11,11 +11,11 @@ class DemoSettings:
 
     n_train_prompts: int = 240
     """Training prompts: the weak model's samples on them give the preference pairs."""
-    n_eval_prompts: int = 60
+    n_eval_prompts: int = 56
     """Held-out prompts for the results table."""
     eval_samples: int = 2
     """Samples per held-out prompt and row."""
-    max_new_tokens: int = 40
+    max_new_tokens: int = 44
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
@@ -24,14 +24,14 @@ class DemoSettings:
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
     last layer beside the first ones halves the distillation loss reached in the same steps."""
-    distill_epochs: int = 2
+    distill_epochs: int = 3
     """Passes over the strong samples."""
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
     weak_samples: int = 2
     """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
-    weak_dpo_epochs: int = 3
-    """DPO epochs of the weak model."""
+    weak_dpo_epochs: int = 2
+    """DPO epochs of the weak model (its validation margin stops rising after the second)."""
     weak_dpo_learning_rate: float = 2e-5
     """DPO learning rate of the weak model."""
     dpo_beta: float = 0.1
