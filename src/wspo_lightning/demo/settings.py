@@ -11,11 +11,11 @@ class DemoSettings:
 
     n_train_prompts: int = 240
     """Training prompts: the weak model's samples on them give the preference pairs."""
-    n_eval_prompts: int = 56
+    n_eval_prompts: int = 40
     """Held-out prompts for the results table."""
     eval_samples: int = 2
     """Samples per held-out prompt and row."""
-    max_new_tokens: int = 44
+    max_new_tokens: int = 48
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
@@ -30,8 +30,8 @@ class DemoSettings:
     """Peak learning rate of the distillation."""
     weak_samples: int = 2
     """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
-    weak_dpo_epochs: int = 2
-    """DPO epochs of the weak model (its validation margin stops rising after the second)."""
+    weak_dpo_epochs: int = 3
+    """DPO epochs of the weak model (with 2, it barely moved away from the weak base)."""
     weak_dpo_learning_rate: float = 2e-5
     """DPO learning rate of the weak model."""
     dpo_beta: float = 0.1
