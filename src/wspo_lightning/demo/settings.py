@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 class DemoSettings:
     """Everything the demo pipeline needs beyond paths. Every row is sampled with the same settings."""
 
-    n_train_prompts: int = 240
+    n_train_prompts: int = 200
     """Training prompts: the weak model's samples on them give the preference pairs."""
     n_eval_prompts: int = 40
     """Held-out prompts for the results table."""
@@ -19,7 +19,7 @@ class DemoSettings:
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
-    distill_prompts: int = 240
+    distill_prompts: int = 200
     """Training prompts the strong model answers (once each) to teach the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
@@ -28,8 +28,9 @@ class DemoSettings:
     """Passes over the strong samples."""
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
-    weak_samples: int = 2
-    """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
+    weak_samples: int = 4
+    """Weak-model samples per training prompt; best vs worst by gold reward makes a pair (of 2, the
+    reward gap is often noise: the weak DPO then memorised its pairs, validation accuracy ~0.5)."""
     weak_dpo_epochs: int = 3
     """DPO epochs of the weak model (with 2, it barely moved away from the weak base)."""
     weak_dpo_learning_rate: float = 2e-5
