@@ -195,7 +195,8 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
         "![training](plots/training.png)", "",
         "## The weak pair", "", WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
         "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
-        "(best vs worst of two per training prompt by the gold reward; ties dropped).", "",
+        f"(best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties dropped).",
+        "",
         "## Test-time decoding rows", "", DECODING_NOTE.format(**{k: settings.get(k) for k in (
             "proxy_alpha", "cbs_beam_width", "cbs_continuations", "cbs_chunk_length")}), "",
         "## Example completions", "", *examples,
