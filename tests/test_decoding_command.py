@@ -62,10 +62,12 @@ def test_print_config_shows_flags_over_the_yaml(gen_yaml, capsys):
     assert printed["weak_base"]["path"].endswith("weak_base")
 
 
-def test_bad_prompts_line_is_reported_with_file_line_and_field(gen_yaml, tmp_path):
+@pytest.mark.parametrize("line, problem", [('{"text": "no prompt here"}', "missing"),
+                                           ('{"prompt": "  "}', "expected a non-empty string")])
+def test_bad_prompts_line_is_reported_with_file_line_and_field(gen_yaml, tmp_path, line, problem):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt here"}\n')
-    with pytest.raises(InputError, match=r"bad.jsonl:2: field 'prompt'"):
+    bad.write_text('{"prompt": "fine"}\n\n' + line + "\n")  # the blank line still counts
+    with pytest.raises(InputError, match=rf"bad.jsonl:3: field 'prompt': {problem}"):
         main(["--config", str(gen_yaml), "--prompts", str(bad)])
 
 

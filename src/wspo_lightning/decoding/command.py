@@ -39,16 +39,15 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from wspo_lightning.errors import InputError, located
+from wspo_lightning.errors import InputError
 from wspo_lightning.models import ModelSpec
-from wspo_lightning.pipeline.stage import write_jsonl
+from wspo_lightning.pipeline.stage import read_jsonl, write_jsonl
 from wspo_lightning.rewards import load_reward
 
 
@@ -133,25 +132,7 @@ class GenerateConfig:
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     """Records of a JSONL file, each with a non-empty `prompt` string (other fields kept)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: prompts file not found (JSONL with a `prompt` field per line)")
-    records = []
-    with path.open() as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise located(path, line_no, None, f"not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise located(path, line_no, "prompt", "expected an object with a `prompt` string")
-            if not record["prompt"].strip():
-                raise located(path, line_no, "prompt", "is empty")
-            records.append(record)
-            if limit is not None and len(records) >= limit:
-                break
+    records = read_jsonl(path, required=["prompt"], texts=["prompt"])[:limit]
     if not records:
         raise InputError(f"{path}: no prompts (expected JSONL with a `prompt` field per line)")
     return records

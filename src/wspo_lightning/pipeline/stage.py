@@ -60,10 +60,12 @@ def atomic_path(out: str | Path) -> Iterator[Path]:
         os.replace(tmp, out)
 
 
-def read_jsonl(path: str | Path, required: Iterable[str | tuple[str, ...]] = ()) -> list[dict]:
+def read_jsonl(path: str | Path, required: Iterable[str | tuple[str, ...]] = (),
+               texts: Iterable[str] = ()) -> list[dict]:
     """Records of a JSONL file; a bad line or a missing field raises InputError naming file and line.
 
-    A `required` entry may be a tuple of alternative names (at least one must be present)."""
+    A `required` entry may be a tuple of alternative names (at least one must be present). Fields in
+    `texts` must be non-empty strings."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file")
@@ -82,6 +84,9 @@ def read_jsonl(path: str | Path, required: Iterable[str | tuple[str, ...]] = ())
                 names = (field,) if isinstance(field, str) else field
                 if not any(name in record for name in names):
                     raise located(path, number, " or ".join(names), "missing")
+            for field in texts:
+                if not isinstance(record.get(field), str) or not record[field].strip():
+                    raise located(path, number, field, "expected a non-empty string")
             records.append(record)
     return records
 
