@@ -21,7 +21,8 @@ import time
 import torch
 
 from wspo_lightning.decoding import chunk_beam_search, sample
-from wspo_lightning.decoding.sampling import encode_prompts, left_pad
+from wspo_lightning.logprobs import left_pad
+from wspo_lightning.render import Renderer
 from wspo_lightning.tiny import build_tiny_model, build_tokenizer, preference_records
 
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         model.to(args.device).eval()
     prompts = [r["prompt"] for r in preference_records(args.prompts, seed=0)]
     W, K, L, T = args.beam_width, args.num_continuations, args.chunk_length, args.max_new_tokens
-    ids, mask = left_pad(encode_prompts(tok, prompts), tok.pad_token_id, args.device)
+    ids, mask = left_pad(Renderer(tok).prompt_ids(prompts), tok.pad_token_id, args.device)
     common = dict(max_new_tokens=T, eos_token_id=[], seed=0)
 
     methods = {

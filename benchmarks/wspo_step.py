@@ -41,10 +41,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from wspo_lightning.cli import run_cli
+from wspo_lightning.cache import LogpsCache
+from wspo_lightning.lightning_cli import precompute, run_cli
+from wspo_lightning.logprobs import response_logps
 from wspo_lightning.models import ModelSpec, disable_dropout, freeze, load_model
-from wspo_lightning.module import _sequences, response_logps
-from wspo_lightning.precompute import LogpsCache, precompute
+from wspo_lightning.module import sequences
 from wspo_lightning.tiny import build_tokenizer, preference_records, write_jsonl
 
 
@@ -131,7 +132,7 @@ def setup(work: Path, variant: str):
 
     if variant == "bare":
         def step():
-            logps, mask = response_logps(policy, *_sequences(batch, "chosen"))
+            logps, mask = response_logps(policy, *sequences(batch, "chosen"))
             finish(-(logps * mask).sum() / mask.sum())
         return batch, policy, step
     module = cli.model
@@ -221,7 +222,7 @@ def memory_child(work: Path, variant: str, steps: int) -> None:
         @torch.no_grad()
         def step():
             for model in models:
-                response_logps(model, *_sequences(batch, "chosen"))
+                response_logps(model, *sequences(batch, "chosen"))
         # what the weights take as stored (bitsandbytes: packed uint8), whatever its kernels add at run time
         weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
     else:

@@ -62,15 +62,15 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
 import yaml
-
 from test_fit_e2e import tiny_config
+
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.tiny import build_tokenizer, preference_records, write_jsonl, write_tiny_model
 
@@ -301,7 +301,7 @@ def test_no_pad_token_and_no_chat_template_are_handled_and_said_once(tmp_path, c
     assert caplog.text.count("has no pad token: padding with eos") == 1  # once per tokenizer, not per setup
     assert caplog.text.count("the tokenizer has no chat template") == 2  # once per data module
     assert dm.tokenizer.pad_token_id == dm.tokenizer.eos_token_id
-    assert all(r["prompt_text"] == r["prompt"] for r in dm.train_records)  # the plain template "{prompt}"
+    assert all(dm.renderer.prompt_text(r["prompt"]) == r["prompt"] for r in dm.train_records)  # plain "{prompt}"
 
 
 def test_trust_remote_code_is_off_by_default_and_logged_when_on(tiny_world, caplog):

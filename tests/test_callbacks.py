@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from test_fit_e2e import fit, metrics, tiny_config
+
 from wspo_lightning import losses
 from wspo_lightning.callbacks import GammaSchedule
 from wspo_lightning.errors import InputError
+from wspo_lightning.logprobs import response_logps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,10 +85,11 @@ def test_reward_margin_logger_matches_a_recomputation_on_the_validation_pairs(ti
         for batch in data.val_dataloader():
             n = batch["chosen_input_ids"].shape[0]
             for part in ("chosen", "rejected"):
-                lp = model._all_logps(batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"],
-                                      batch[f"{part}_labels"])
-                weak = losses.implicit_reward(lp["weak_aligned"], lp["weak_base"], lp["mask"])
-                strong = losses.implicit_reward(lp["policy"], lp["reference"], lp["mask"])
+                rows = batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"], batch[f"{part}_labels"]
+                policy, mask = response_logps(model.policy, *rows)
+                weak = losses.implicit_reward(model.frozen.logps("weak_aligned", *rows),
+                                              model.frozen.logps("weak_base", *rows), mask)
+                strong = losses.implicit_reward(policy, model.frozen.logps("reference", *rows), mask)
                 sign = 1 if part == "chosen" else -1
                 for kind, reward in (("weak", weak), ("strong", strong)):
                     if part == "chosen":
@@ -120,7 +122,7 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
                 b"val/rewards/weak_margin_q50", b'"histogram"'):
         assert key in record_log, key
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
-    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "weak_reward"]
+    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "finished", "weak_reward"]
 
 
 def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path):
@@ -128,13 +130,19 @@ def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path
     sample_files = sorted((Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl"))
     rows = [json.loads(line) for line in sample_files[-1].read_text().splitlines()]
     assert [r["prompt"] for r in rows] == cli.datamodule.prompts("val", 2)
-    # recompute the weak reward of the first completion from its text
-    tokenizer, model = cli.datamodule.tokenizer, cli.model
-    prompt_ids = tokenizer(rows[0]["prompt"], add_special_tokens=False, return_tensors="pt").input_ids
-    completion_ids = tokenizer(rows[0]["completion"], add_special_tokens=False, return_tensors="pt").input_ids
+    # recompute the weak reward of the first completion from its text, with the weak pair's own forwards
+    tokenizer, frozen = cli.datamodule.tokenizer, cli.model.frozen
+    template = tokenizer.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}], tokenize=False,
+                                             add_generation_prompt=True)
+    prompt_ids = tokenizer(template, add_special_tokens=False, return_tensors="pt").input_ids
+    ending = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if rows[0]["finished"] else []
+    completion_ids = torch.tensor([tokenizer(rows[0]["completion"], add_special_tokens=False).input_ids + ending])
     assert completion_ids.shape[1] > 0
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    labels = ids.clone()
-    labels[:, : prompt_ids.shape[1]] = losses.IGNORE_INDEX
-    expected = model.weak_reward(ids, torch.ones_like(ids), labels)
-    assert rows[0]["weak_reward"] == pytest.approx(float(expected[0]), abs=1e-3)
+    with torch.no_grad():
+        logps = {role: torch.log_softmax(frozen[role](ids).logits[0, :-1].float(), -1) for role in frozen
+                 if role.startswith("weak")}
+    targets = ids[0, 1:]
+    delta = (logps["weak_aligned"] - logps["weak_base"]).gather(-1, targets[:, None])[:, 0]
+    expected = float(delta[prompt_ids.shape[1] - 1:].sum())
+    assert rows[0]["weak_reward"] == pytest.approx(expected, abs=1e-3)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from wspo_lightning.cli import run_cli
+from wspo_lightning.lightning_cli import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if not {"demo", "generate"} & set(p.parts))
@@ -24,10 +24,10 @@ def test_shipped_config_parses_and_prints(config, capsys):
 
 
 def test_fsdp_recipe_wraps_and_checkpoints_qwen2_decoder_layers():
+    import yaml
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
-    import yaml
 
     recipe = yaml.safe_load((ROOT / "configs" / "recipes" / "qwen2_1.5b_to_7b_fsdp.yaml").read_text())
     parser = ArgumentParser()

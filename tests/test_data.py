@@ -9,16 +9,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from wspo_lightning.data import (
-    IGNORE_INDEX,
-    PreferenceDataModule,
-    SeededSampler,
-    collate,
-    load_records,
-    render_prompt,
-    tokenize_record,
-)
+from wspo_lightning.data import PreferenceDataModule, SeededSampler, collate, load_records, tokenize_record
 from wspo_lightning.errors import InputError
+from wspo_lightning.logprobs import IGNORE_INDEX
+from wspo_lightning.render import Renderer
 from wspo_lightning.tiny import build_tokenizer, preference_records, write_jsonl
 
 
@@ -145,7 +139,7 @@ def test_labels_mask_exactly_the_prompt_and_padding(tmp_path, tokenizers):
             n = int(mask[row].sum())
             assert mask[row, :n].all() and not mask[row, n:].any()  # right padding
             assert (ids[row, n:] == tok.pad_token_id).all()
-            assert tok.decode(ids[row, : n - len(response)].tolist()) == record["prompt_text"]
+            assert tok.decode(ids[row, : n - len(response)].tolist()) == dm.renderer.prompt_text(record["prompt"])
             assert (labels[row, n - len(response):n] == ids[row, n - len(response):n]).all()
 
 
@@ -166,13 +160,13 @@ def test_chosen_and_rejected_share_the_padded_length_of_the_batch():
 # ----------------------------------------------------------------------------- truncation
 
 def test_truncation_cuts_the_prompt_from_the_left_first_then_the_response(tmp_path, tokenizers, caplog):
-    tok = build_tokenizer()
-    record = {"id": "r", "source": "x:1", "prompt_text": "The plot " * 10, "chosen": "was dull.", "rejected": None}
-    full = tokenize_record(record, tok, 10_000, chat=True)
+    renderer = Renderer(build_tokenizer())
+    record = {"id": "r", "source": "x:1", "prompt": "The plot " * 10, "chosen": "was dull.", "rejected": None}
+    full = tokenize_record(record, renderer, 10_000)
     n_response = len(full["chosen_ids"])
-    cut = tokenize_record(record, tok, n_response + 3, chat=True)
+    cut = tokenize_record(record, renderer, n_response + 3)
     assert cut["truncated"] and cut["prompt_ids"] == full["prompt_ids"][-3:] and cut["chosen_ids"] == full["chosen_ids"]
-    tight = tokenize_record(record, tok, 3, chat=True)  # one prompt token kept, the response cut from the right
+    tight = tokenize_record(record, renderer, 3)  # one prompt token kept, the response cut from the right
     assert tight["prompt_ids"] == full["prompt_ids"][-1:] and tight["chosen_ids"] == full["chosen_ids"][:2]
 
     records = varied_records(10)
@@ -190,14 +184,15 @@ def test_chat_template_and_plain_template_render_prompts(tmp_path, tokenizers, c
     path = write_jsonl(tmp_path / "t.jsonl", preference_records(8))
     first = preference_records(8)[0]["prompt"]
     chat = make_dm(path, tokenizers["chat"], val_fraction=0)
-    assert chat.prompts("train", n=1) == [f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n"]
-    tok = chat.tokenizer
-    assert render_prompt("hi", tok, chat=True) == render_prompt([{"role": "user", "content": "hi"}], tok, chat=True)
+    assert chat.prompts("train", n=1) == [first]
+    rendered = chat.renderer.prompt_text(first)
+    assert rendered == f"<|im_start|>user\n{first}<|im_end|>\n<|im_start|>assistant\n"
+    assert chat.renderer.prompt_text([{"role": "user", "content": first}]) == rendered
     with caplog.at_level(logging.INFO, logger="wspo_lightning.data"):
         plain = make_dm(path, tokenizers["plain"], val_fraction=0, prompt_template="Q: {prompt}\nA:")
         forced = make_dm(path, tokenizers["chat"], val_fraction=0, use_chat_template=False)
-    assert plain.prompts("train", n=1) == [f"Q: {first}\nA:"]
-    assert forced.prompts("train", n=1) == [first]
+    assert plain.renderer.prompt_text(first) == f"Q: {first}\nA:"
+    assert forced.renderer.prompt_text(first) == first
     assert "the tokenizer has no chat template" in caplog.text and "use_chat_template is off" in caplog.text
 
 
@@ -238,7 +233,7 @@ def test_test_loader_reads_test_path_or_else_the_validation_data(tmp_path, token
     test = write_jsonl(tmp_path / "test.jsonl", preference_records(3, seed=2))
     dm = make_dm(train, tokenizers["chat"], val_fraction=0.25, test_path=str(test), eval_batch_size=2)
     assert [b["ids"] for b in dm.test_dataloader()] == [["toy-2-0", "toy-2-1"], ["toy-2-2"]]
-    assert dm.prompts("test", 1) == [render_prompt(preference_records(1, seed=2)[0]["prompt"], dm.tokenizer, True)]
+    assert dm.prompts("test", 1) == [preference_records(1, seed=2)[0]["prompt"]]
     fallback = make_dm(train, tokenizers["chat"], val_fraction=0.25)
     assert [i for b in fallback.test_dataloader() for i in b["ids"]] == [r["id"] for r in fallback.val_records]
 

@@ -7,9 +7,14 @@ import pytest
 import torch
 
 from wspo_lightning.decoding import (
-    WeakPairScorer, chunk_beam_search, proxy_logits, proxy_sample, sample,
+    WeakPairScorer,
+    chunk_beam_search,
+    proxy_logits,
+    proxy_sample,
+    sample,
 )
-from wspo_lightning.decoding.sampling import encode_prompts, left_pad
+from wspo_lightning.logprobs import left_pad
+from wspo_lightning.render import Renderer
 from wspo_lightning.tiny import build_tiny_model, build_tokenizer
 
 PROMPTS = ["Write one line about the film.", "Hi", "Tell me about the plot of this movie, please."]
@@ -46,7 +51,7 @@ def models(tok, tok2):
 
 @pytest.fixture(scope="module")
 def batch(tok):
-    return left_pad(encode_prompts(tok, PROMPTS), tok.pad_token_id, "cpu")
+    return left_pad(Renderer(tok).prompt_ids(PROMPTS), tok.pad_token_id, "cpu")
 
 
 def generate_new_tokens(model, input_ids, attention_mask, seed, **kwargs):

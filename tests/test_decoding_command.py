@@ -8,7 +8,6 @@ import yaml
 from wspo_lightning.decoding.command import main
 from wspo_lightning.errors import InputError
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

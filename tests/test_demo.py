@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
@@ -16,6 +15,7 @@ from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.demo import command
 from wspo_lightning.demo.prompts import split_prompts
 from wspo_lightning.demo.settings import PRESETS, DemoSettings
+from wspo_lightning.io import read_jsonl
 from wspo_lightning.tiny import build_tokenizer, write_tiny_model
 
 ROWS = ["weak base", "weak aligned", "strong base", "strong + WSPO (gamma=1)", "strong + WSPO (gamma=2)",
@@ -75,7 +75,12 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
     strong_base = results[2]
     assert abs(strong_base["kl"]) < 1e-2 and strong_base["diff_vs_baseline"] == 0.0
     proxy, cbs, wspo_cbs = results[6:]
-    assert proxy["kl"] > 0 and cbs["kl"] is None and wspo_cbs["kl"] is None  # a search has no likelihood
+    assert cbs["kl"] is None and wspo_cbs["kl"] is None  # a search has no likelihood
+    # the proxy row's KL: its sampler's log-likelihoods minus the strong base's, averaged over its samples
+    sampled = read_jsonl(out / "samples" / "eval" / "06_strong___proxy__alpha_1.scored.jsonl")
+    reference = read_jsonl(out / "results_logps" / "06.jsonl")
+    expected = sum(s["logp"] - r["ref_logp"] for s, r in zip(sampled, reference)) / len(sampled)
+    assert proxy["kl"] == pytest.approx(expected, abs=1e-6)
     report = (out / "report.md").read_text()
     assert "| strong + WSPO (gamma=2) |" in report and "amplif" in report
     assert "| strong + CBS |" in report and "n/a (search)" in report
@@ -85,8 +90,8 @@ def test_demo_decoding_rows_are_what_their_method_writes(demo_run):
     """The CBS rows carry the best beam's weak-pair score, recomputed here from the text by the weak pair;
     the proxy row's likelihoods make its KL estimate (one per response) positive on average."""
     from wspo_lightning.decoding.scorer import WeakPairScorer
+    from wspo_lightning.io import read_jsonl
     from wspo_lightning.models import ModelSpec, load_model, load_tokenizer
-    from wspo_lightning.pipeline.stage import read_jsonl
 
     out, strong, _ = demo_run
     weak = {role: load_model(ModelSpec(str(out / "models" / role), dtype="bfloat16"))
@@ -132,8 +137,8 @@ def _row(name: str, rewards: list[float]) -> list[dict]:
 
 def test_report_states_gain_and_amplification_honestly_either_way(tmp_path):
     from wspo_lightning.demo.report import verdicts
+    from wspo_lightning.io import write_jsonl
     from wspo_lightning.pipeline.evaluate import EvalRow, row_stats
-    from wspo_lightning.pipeline.stage import write_jsonl
 
     rewards = {"weak aligned": [0.6] * 8, "strong base": [0.1] * 8,
                "strong + WSPO (gamma=1)": [0.4, 0.5] * 4, "strong + WSPO (gamma=2)": [0.7, 0.8] * 4}

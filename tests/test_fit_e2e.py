@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from wspo_lightning.cli import run_cli
+from wspo_lightning.lightning_cli import run_cli
 from wspo_lightning.tiny import write_tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]
 WSPO_METRICS = [
-    "loss", "wspo/delta_strong", "wspo/delta_weak", "wspo/residual", "wspo/gamma", "kl/policy_reference",
+    "loss", "wspo/delta_strong", "wspo/delta_weak", "wspo/residual", "wspo/gamma", "logratio/policy_reference",
 ]
 VAL_ONLY = ["rewards/weak_margin", "rewards/weak_accuracy", "rewards/strong_margin", "rewards/strong_accuracy"]
 
@@ -72,8 +72,8 @@ def test_wspo_fit_trains_only_the_policy_logs_design_metrics_and_exports(tmp_pat
     changed = [n for n, p in model.policy.state_dict().items() if not torch.equal(p, start[n])]
     assert len(changed) > len(start) // 2
     assert_same(start, model.frozen["reference"])
-    assert_same(weights(world / "weak_base"), model.frozen["weak_base"])
-    assert_same(weights(world / "weak_aligned"), model.frozen["weak_aligned"])
+    assert_same(weights(world / "weak_base"), model.frozen.models["weak_base"])
+    assert_same(weights(world / "weak_aligned"), model.frozen.models["weak_aligned"])
 
     for name in WSPO_METRICS + ["tokens_per_second"]:
         assert f"train/{name}" in logged, name

@@ -23,9 +23,9 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from test_resume import fit_config, logged
-from wspo_lightning.cli import run_cli
+
+from wspo_lightning.lightning_cli import run_cli
 
 GOLDEN_LOSSES = [  # train/loss at global steps 0..5 (torch 2.13 CPU, transformers 5.23)
     0.19351746141910553,

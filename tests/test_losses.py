@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from wspo_lightning.logprobs import IGNORE_INDEX, token_logps
 from wspo_lightning.losses import (
-    IGNORE_INDEX,
     dpo_loss,
     implicit_reward,
     reward_margin,
     sequence_logps,
-    token_logps,
     wspo_loss,
     wspo_token_stats,
 )

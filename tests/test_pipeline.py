@@ -11,13 +11,14 @@ import torch
 
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.errors import InputError
+from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec, load_model, load_tokenizer
 from wspo_lightning.pipeline.distill import distill, truncate
 from wspo_lightning.pipeline.evaluate import bootstrap_ci, distinct_n, paired_difference, reference_logps, top_word
 from wspo_lightning.pipeline.pairs import make_pairs, pairs
 from wspo_lightning.pipeline.sample import sample
 from wspo_lightning.pipeline.score import score
-from wspo_lightning.pipeline.stage import read_jsonl, write_jsonl
+from wspo_lightning.render import Renderer
 from wspo_lightning.tiny import build_tokenizer, write_tiny_model
 
 
@@ -50,7 +51,8 @@ def test_pairs_take_best_and_worst_response_per_prompt_and_drop_ties():
     ]
     result = make_pairs(records)
     assert result == [{"id": "a", "prompt": "pa", "chosen": "high", "rejected": "low",
-                       "chosen_reward": 0.9, "rejected_reward": -0.5}]
+                       "chosen_reward": 0.9, "rejected_reward": -0.5, "chosen_finished": True,
+                       "rejected_finished": True}]
 
 
 def test_pairs_stage_explains_when_every_prompt_is_a_tie(tmp_path):
@@ -91,7 +93,7 @@ def test_sampled_logp_matches_a_forward_pass_so_kl_of_a_model_to_itself_is_zero(
     assert len(records) == 12 and {r["sample"] for r in records} == {0, 1}
     assert all(1 <= r["num_tokens"] <= 6 and len(r["response_ids"]) == r["num_tokens"] for r in records)
     model = load_model(ModelSpec(str(tiny_strong)))
-    forward = reference_logps(model, load_tokenizer(ModelSpec(str(tiny_strong))), records)
+    forward = reference_logps(model, Renderer(load_tokenizer(ModelSpec(str(tiny_strong)))), records)
     np.testing.assert_allclose([r["logp"] for r in records], forward, atol=1e-3)
 
 
@@ -109,7 +111,7 @@ def test_stages_skip_existing_outputs_and_force_redoes_them(tiny_strong, prompts
 
 
 def test_atomic_path_replaces_a_folder_whole_or_not_at_all(tmp_path):
-    from wspo_lightning.pipeline.stage import atomic_path
+    from wspo_lightning.io import atomic_path
 
     out = tmp_path / "export"
     out.mkdir()

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 from test_fit_e2e import metrics, tiny_config
 
 from wspo_lightning import cli as wspo_cli
-from wspo_lightning.cli import run_cli
+from wspo_lightning.cache import LogpsCache
 from wspo_lightning.errors import InputError
-from wspo_lightning.module import response_logps
-from wspo_lightning.precompute import LogpsCache, main as precompute_main
+from wspo_lightning.lightning_cli import precompute_main, run_cli
+from wspo_lightning.logprobs import response_logps
 from wspo_lightning.tiny import preference_records, write_jsonl
 
 SHORT = ["--trainer.max_steps=4", "--trainer.val_check_interval=4", "--trainer.limit_val_batches=1"]
@@ -57,8 +57,8 @@ def test_cache_holds_each_records_response_values_independent_of_padding(cached,
     ids = torch.tensor([feature["prompt_ids"] + feature["rejected_ids"]])
     labels = ids.clone()
     labels[0, :len(feature["prompt_ids"])] = -100
-    aligned = response_logps(cli.model.frozen["weak_aligned"], ids, torch.ones_like(ids), labels)[0][0]
-    base = response_logps(cli.model.frozen["weak_base"], ids, torch.ones_like(ids), labels)[0][0]
+    aligned = response_logps(cli.model.frozen.models["weak_aligned"], ids, torch.ones_like(ids), labels)[0][0]
+    base = response_logps(cli.model.frozen.models["weak_base"], ids, torch.ones_like(ids), labels)[0][0]
     n = len(feature["rejected_ids"])
     assert int(shard["rejected.length"][row]) == n
     torch.testing.assert_close(shard["rejected.delta_weak"][start:start + n], (aligned - base)[-n:])
@@ -87,7 +87,7 @@ def test_fit_from_the_cache_gives_the_same_losses_and_loads_only_the_policy(cach
     for name, cache_args in (("live", []), ("cached", [f"--model.init_args.cache_dir={cache}"])):
         runs[name] = run_cli(["fit", "--config", str(tiny_config(tiny_world, tmp_path / name)), *SHORT, *extra,
                               *cache_args])
-    assert runs["cached"].model.frozen == {}  # no weak pair, no reference: the policy alone
+    assert runs["cached"].model.frozen.models == {}  # no weak pair, no reference: the policy alone
     live, from_cache = metrics(runs["live"]), metrics(runs["cached"])
     for name in compared:
         assert len(live[name]) == len(from_cache[name]) > 0, name

@@ -18,12 +18,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-
 from test_fit_e2e import ROOT
+
 from wspo_lightning.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from wspo_lightning.cli import main as wspo_main
-from wspo_lightning.cli import run_cli
 from wspo_lightning.data import LoaderPosition, ResumableDataLoader, SeededSampler
+from wspo_lightning.lightning_cli import run_cli
 
 TESTS = Path(__file__).resolve().parent
 

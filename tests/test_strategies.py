@@ -22,8 +22,8 @@ import yaml
 from safetensors.torch import load_file
 from test_fit_e2e import metrics
 
-from wspo_lightning.cli import run_cli
-from wspo_lightning.precompute import LogpsCache, precompute
+from wspo_lightning.cache import LogpsCache
+from wspo_lightning.lightning_cli import precompute, run_cli
 from wspo_lightning.tiny import write_tiny_world
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,9 +6,10 @@ Papers:
 - DPO: Rafailov et al., "Direct Preference Optimization", arXiv:2305.18290; conservative label smoothing
   (cDPO): Mitchell, "A note on DPO with noisy preferences" (2023).
 
-Conventions (docs DESIGN.md, section 2): every ``*_logps`` argument of shape [batch, tokens] holds
-``l_M(t) = log pi_M(y_t | x, y_<t)`` per token, and ``loss_mask`` marks the response tokens; prompt and
-padding positions are masked and never influence a result, whatever values they hold.
+Conventions (docs/design.md, section 2): every ``*_logps`` argument of shape [batch, tokens] holds
+``l_M(t) = log pi_M(y_t | x, y_<t)`` per token (computed by `wspo_lightning.logprobs`), and ``loss_mask``
+marks the response tokens; prompt and padding positions are masked and never influence a result,
+whatever values they hold.
 """
 
 from __future__ import annotations
@@ -17,46 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
-
 
 def _check_same_shape(**tensors: Tensor) -> None:
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     if len(set(shapes.values())) > 1:
         listed = ", ".join(f"{name}={shape}" for name, shape in shapes.items())
         raise ValueError(f"expected tensors of one shape, got {listed}")
-
-
-def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Per-token log-probabilities of the labels, in float32.
-
-    Args:
-        logits: [batch, tokens, vocab], any float dtype; ``logits[:, t]`` predicts ``labels[:, t]``
-            (the caller has already shifted them).
-        labels: [batch, tokens] token ids; ``ignore_index`` marks positions without a label.
-        ignore_index: label value of ignored positions.
-
-    Returns:
-        float32 [batch, tokens]: ``log pi(label_t) = logit[label_t] - logsumexp(logit)``, 0.0 at ignored positions.
-
-    Rows are upcast to float32 one at a time and the label logit is gathered, so under ``torch.no_grad``
-    (the frozen models) the extra memory is one [tokens, vocab] float32 row, never a float32 copy of the
-    batch or a full log_softmax. With grad, autograd keeps each float32 row for logsumexp's backward.
-    """
-    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(
-            f"expected logits [batch, tokens, vocab] and labels [batch, tokens], "
-            f"got logits={tuple(logits.shape)}, labels={tuple(labels.shape)}"
-        )
-    keep = labels != ignore_index  # [batch, tokens]
-    safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # [batch, tokens, 1]
-    rows = []
-    for row_logits, row_labels in zip(logits, safe_labels):
-        row_logits = row_logits.float()  # [tokens, vocab]; no copy when already float32
-        picked = row_logits.gather(-1, row_labels).squeeze(-1)  # [tokens]
-        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
-    logps = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
-    return torch.where(keep, logps, 0.0)
 
 
 def _wspo_residual(
@@ -95,7 +62,7 @@ def wspo_loss(
     loss_mask: Tensor,
     gamma: float | Tensor,
 ) -> Tensor:
-    """WSPO loss (DESIGN.md section 2), a scalar:
+    """WSPO loss (docs/design.md section 2), a scalar:
 
         delta_strong(t) = l_policy(t) - l_reference(t)
         delta_weak(t)   = l_weak_aligned(t) - l_weak_base(t)
@@ -151,7 +118,7 @@ def sequence_logps(token_logps: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def implicit_reward(logps_a: Tensor, logps_b: Tensor, loss_mask: Tensor) -> Tensor:
-    """Implicit reward ``sum_t (l_a(t) - l_b(t))`` over response tokens, [batch] (DESIGN.md section 2).
+    """Implicit reward ``sum_t (l_a(t) - l_b(t))`` over response tokens, [batch] (docs/design.md section 2).
 
     ``reward_weak = implicit_reward(weak_aligned, weak_base, mask)``,
     ``reward_strong = implicit_reward(policy, reference, mask)``. Logged only, never part of the WSPO loss.
@@ -178,7 +145,7 @@ def dpo_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Sigmoid DPO loss with conservative label smoothing (cDPO), per example (DESIGN.md section 2):
+    """Sigmoid DPO loss with conservative label smoothing (cDPO), per example (docs/design.md section 2):
 
         logits = (S_pol(y_w) - S_pol(y_l)) - (S_ref(y_w) - S_ref(y_l))
         losses = -log sigmoid(beta * logits) * (1 - ls) - log sigmoid(-beta * logits) * ls

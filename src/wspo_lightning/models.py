@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only

@@ -1,9 +1,8 @@
-"""LightningModules for WSPO and its DPO baseline.
+"""LightningModules: WSPO, and the DPO and SFT baselines trained the same way.
 
-The module owns the models and the bookkeeping; the maths lives in `losses.py`. Frozen roles
-(reference, weak pair) are held in a plain dict, not registered as submodules: strategies never
-wrap, shard or checkpoint them, and quantized weights never meet FSDP. With `cache_dir` (built by
-`wspo precompute`) their values come from disk and only the policy loads.
+A module owns the trainable policy and the bookkeeping; the maths lives in `losses.py`, the frozen
+models in `FrozenRoles` (`frozen.py`). With `cache_dir` (built by `wspo precompute`) the frozen
+roles' values come from disk and only the policy loads.
 """
 
 from __future__ import annotations
@@ -11,16 +10,18 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
 
 from wspo_lightning import losses
+from wspo_lightning.cache.store import LogpsCache
 from wspo_lightning.errors import InputError
+from wspo_lightning.frozen import FrozenRoles
+from wspo_lightning.logprobs import response_logps, response_mask
+from wspo_lightning.metrics import ObjectiveMetrics
 from wspo_lightning.models import (
     ModelSpec,
     as_spec,
@@ -32,56 +33,25 @@ from wspo_lightning.models import (
     load_tokenizer,
 )
 
-if TYPE_CHECKING:
-    from wspo_lightning.precompute import LogpsCache
-
 log = logging.getLogger(__name__)
 
 
-def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
-                   ) -> tuple[Tensor, Tensor]:
-    """Per-token log-probs of the response tokens: ([B, T'] float32, mask [B, T'] bool).
-
-    The lm_head runs only from the batch's first response position on (`logits_to_keep`):
-    with a large vocabulary that is most of the forward's cost. T' = L - first response position.
-    """
-    first = response_start(labels)
-    keep = input_ids.shape[1] - first + 1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
-    targets = labels[:, first:]  # [B, T']
-    return losses.token_logps(logits[:, :-1], targets), targets != losses.IGNORE_INDEX
+def sequences(batch: dict, side: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, labels) of one side ("chosen" or "rejected") of a collated batch."""
+    return batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"]
 
 
-def response_start(labels: Tensor) -> int:
-    """The batch's first response position (at least 1: the first token is never predicted)."""
-    is_response = labels != losses.IGNORE_INDEX  # [B, L]
-    first = int(is_response.int().argmax(dim=1)[is_response.any(dim=1)].min()) if is_response.any() else 1
-    return max(first, 1)
-
-
-def response_mask(labels: Tensor) -> Tensor:
-    """The [B, T'] mask of response tokens in the layout `response_logps` returns."""
-    return labels[:, response_start(labels):] != losses.IGNORE_INDEX
-
-
-def _sequences(batch: dict, part: str) -> tuple[Tensor, Tensor, Tensor]:
-    return batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"], batch[f"{part}_labels"]
-
-
-def _concat_pairs(batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """Chosen rows then rejected rows, one forward for both (the data module pads them to one length)."""
-    return tuple(torch.cat(pair) for pair in zip(_sequences(batch, "chosen"), _sequences(batch, "rejected")))
-
-
-def _sides(batch: dict, pairs: bool) -> tuple[list[str], tuple[Tensor, Tensor, Tensor]]:
-    """The sides a step runs (chosen, then rejected when `pairs` and the batch has them) and their rows."""
+def step_rows(batch: dict, pairs: bool) -> tuple[list[str], tuple[Tensor, Tensor, Tensor]]:
+    """The sides a step runs (chosen, then rejected when `pairs` and the batch has them) and their rows,
+    concatenated for one forward (the data module pads both sides to one length)."""
     if pairs and "rejected_input_ids" in batch:
-        return ["chosen", "rejected"], _concat_pairs(batch)
-    return ["chosen"], _sequences(batch, "chosen")
+        return ["chosen", "rejected"], tuple(torch.cat(pair) for pair in zip(sequences(batch, "chosen"),
+                                                                             sequences(batch, "rejected")))
+    return ["chosen"], sequences(batch, "chosen")
 
 
-class PreferenceModule(pl.LightningModule):
-    """What WSPO and DPO share: the trainable policy, frozen roles, optimiser, throughput.
+class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
+    """What the objectives share: the trainable policy, frozen roles, the cache, optimiser, throughput.
 
     Args:
         policy: the strong model being trained.
@@ -108,14 +78,12 @@ class PreferenceModule(pl.LightningModule):
         # LightningCLI stores hparams as plain dicts: keep the specs themselves.
         self.policy_spec, self.reference_spec = as_spec(policy), as_spec(reference)
         self.policy: nn.Module | None = None  # built in configure_model, so strategies can shard it
-        self.frozen: dict[str, nn.Module] = {}  # a plain dict on purpose: not submodules
+        self.frozen = FrozenRoles()  # not a submodule: strategies never wrap or checkpoint it
         self.cache_dir = cache_dir
         self.cache: LogpsCache | None = None  # opened in setup
-        self.precomputing: list[str] | None = None  # set by `wspo precompute`: the values it computes
-        self._last_batch_start: float | None = None
-        self._last_batch_tokens = 0
+        self.val_metrics = self.make_metrics(self.metric_names)
 
-    # ---- roles -------------------------------------------------------------------------
+    # ---- roles and the cache --------------------------------------------------------------------------
     def frozen_specs(self) -> dict[str, ModelSpec]:
         """Frozen roles this objective needs, other than the reference."""
         return {}
@@ -130,7 +98,11 @@ class PreferenceModule(pl.LightningModule):
     def uses_lora(self) -> bool:
         return self.policy_spec.lora is not None
 
-    # ---- the logps cache (wspo precompute) ---------------------------------------------
+    @property
+    def trains_on_pairs(self) -> bool:
+        """Whether a training step runs the rejected responses too (cache sides, token count)."""
+        return False
+
     def required_cache_values(self) -> list[str]:
         """Values a cache must hold for this objective."""
         return ["reference"]
@@ -138,7 +110,7 @@ class PreferenceModule(pl.LightningModule):
     def cacheable_values(self, reference: bool = True) -> list[str]:
         """Values `wspo precompute` writes: the reference's log-probs unless `reference` is False."""
         if not reference:
-            raise InputError(f"{type(self).__name__} caches only the reference: drop --no-reference")
+            raise InputError(f"{type(self).__name__} caches only the reference: set precompute.reference: true")
         return ["reference"]
 
     def cache_roles(self, values: list[str]) -> dict[str, ModelSpec]:
@@ -151,9 +123,7 @@ class PreferenceModule(pl.LightningModule):
         return roles
 
     def _live_roles(self) -> set[str]:
-        """Frozen roles computed in this process: those `precomputing` needs, else all but the cached ones."""
-        if self.precomputing is not None:
-            return set(self.cache_roles(self.precomputing))
+        """Frozen roles computed in this process: all but those whose values come from the cache."""
         roles = set(self.frozen_specs()) | {"reference"}
         return roles - set(self.cache_roles(self.cache.values)) if self.cache is not None else roles
 
@@ -163,27 +133,17 @@ class PreferenceModule(pl.LightningModule):
         for role, spec in specs.items():
             check_model_path(spec, role)
         check_same_vocabulary({role: load_tokenizer(spec) for role, spec in specs.items()})
-        if self.cache_dir and self.precomputing is None and self.cache is None:
-            from wspo_lightning.precompute import LogpsCache
-
+        if self.cache_dir and self.cache is None:
             self.cache = LogpsCache.open(self.cache_dir, self, self.trainer.datamodule)
             log.info("frozen values %s come from the cache %s", self.cache.values, self.cache_dir)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        live = self._live_roles()
-        for role, spec in specs.items():
-            if role in live and role not in self.frozen:  # a reference without a spec comes from the policy
-                self.frozen[role] = load_model(spec, trainable=False, device=device)
+        live = self._live_roles()  # a reference without a spec comes from the policy (configure_model)
+        self.frozen.load({role: spec for role, spec in specs.items() if role in live and role != "policy"}, device)
 
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        reference_from_policy = self.reference_spec is None and "reference" in self._live_roles()
         device = self.trainer.strategy.root_device if self._trainer is not None else None
-        if self.precomputing is not None:  # no training: the policy loads only as the reference
-            if reference_from_policy and not self.uses_lora:
-                self.frozen["reference"] = load_model(self.policy_spec, trainable=False, device=device)
-            if not (reference_from_policy and self.uses_lora):
-                return
         quantized = self.policy_spec.quantization != "none"  # bitsandbytes weights cannot move after loading
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else None
         if quantized and strategy == "FSDPStrategy":
@@ -194,61 +154,27 @@ class PreferenceModule(pl.LightningModule):
             disable_dropout(policy)
         if self.hparams.freeze_embeddings:
             policy.get_input_embeddings().requires_grad_(False)
-        if reference_from_policy and not self.uses_lora:
-            self.frozen["reference"] = freeze(copy.deepcopy(policy))  # before any sharding: a full copy
+        if self.reference_spec is None and not self.uses_lora and "reference" in self._live_roles():
+            self.frozen.add("reference", freeze(copy.deepcopy(policy)))  # before any sharding: a full copy
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             from wspo_lightning.strategies import shard_policy
 
             policy = shard_policy(policy, self.device_mesh, str(self.trainer.precision))
         self.policy = policy
 
-    def _place_frozen(self) -> None:
-        for model in self.frozen.values():
-            if not getattr(model, "is_quantized", False):
-                model.to(self.device)
-
     def on_fit_start(self) -> None:  # a reference copied in configure_model is still on the CPU
-        self._place_frozen()
+        self.frozen.place(self.device)
 
-    on_validation_start = on_test_start = on_predict_start = on_fit_start
+    on_validation_start = on_test_start = on_fit_start
 
     def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        with torch.no_grad():
-            if "reference" in self.frozen:
-                return response_logps(self.frozen["reference"], input_ids, attention_mask, labels)[0]
-            with self.policy.disable_adapter():  # LoRA: the base model is the reference
-                return response_logps(self.policy, input_ids, attention_mask, labels)[0]
-
-    def frozen_logps(self, role: str, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        with torch.no_grad():
-            return response_logps(self.frozen[role], input_ids, attention_mask, labels)[0]
+        return self.frozen.reference_logps(self.policy, input_ids, attention_mask, labels)
 
     def cached(self, batch: dict, split: str, sides: list[str], mask: Tensor) -> dict[str, Tensor]:
         """Cached values for the step's rows ([len(sides) * B, T'] each, in `mask`'s layout); {} without a cache."""
         if self.cache is None:
             return {}
         return self.cache.lookup(split, batch["index"], sides, mask)
-
-    @torch.no_grad()
-    def frozen_values(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                      values: list[str]) -> tuple[dict[str, Tensor], Tensor]:
-        """The cacheable `values` of each row, [B, T'] float32, and the response mask [B, T']."""
-        out = {}
-        if "delta_weak" in values:
-            out["delta_weak"] = (self.frozen_logps("weak_aligned", input_ids, attention_mask, labels)
-                                 - self.frozen_logps("weak_base", input_ids, attention_mask, labels))
-        if "reference" in values:
-            out["reference"] = self.reference_logps(input_ids, attention_mask, labels)
-        return out, response_mask(labels)
-
-    def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """For `wspo precompute`: per row, its response length and the values of its response tokens,
-        concatenated row after row (`{"index": [B], "length": [B], value: [sum of lengths]}`)."""
-        if self.precomputing is None:
-            raise RuntimeError("predict_step computes the logps cache: run it through `wspo precompute`")
-        values, mask = self.frozen_values(*_sequences(batch, "chosen"), self.precomputing)
-        return {"index": batch["index"], "length": mask.sum(dim=1),
-                **{name: value[mask].float() for name, value in values.items()}}
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -260,59 +186,31 @@ class PreferenceModule(pl.LightningModule):
         schedule = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_start is not None and now > self._last_batch_start:
-            rate = self._last_batch_tokens / (now - self._last_batch_start)
-            self.log("train/tokens_per_second", rate, on_step=True, on_epoch=False)
-        self._last_batch_start = now
-        self._last_batch_tokens = int(batch["chosen_attention_mask"].sum()) * (2 if self.trains_on_pairs else 1)
+    def validation_step(self, batch: dict, batch_idx: int) -> Any:
+        return self.evaluate(batch, "val")
 
-    @property
-    def trains_on_pairs(self) -> bool:
-        """Whether a training step runs the rejected responses too (for the token count)."""
-        return False
+    def test_step(self, batch: dict, batch_idx: int) -> Any:
+        return self.evaluate(batch, "test")
 
-    def _make_metrics(self, names: list[str]) -> nn.ModuleDict:
-        # torchmetrics aggregates over batches and syncs across devices at epoch end.
-        return nn.ModuleDict({name.replace("/", "__"): MeanMetric() for name in names})
-
-    def _log_step(self, values: dict[str, tuple[Tensor, Tensor | float]], batch_size: int) -> None:
-        """Log `train/` step values, each (scalar mean, weight) or a per-example vector, as means over the
-        global batch: under DDP/FSDP one all-reduce of (sum, weight) pairs, so two ranks log what one
-        process holding both halves would (a token-weighted mean stays token-weighted)."""
-        means = {name: value.detach().float().mean() for name, (value, _) in values.items()}
-        if self.trainer.world_size > 1:
-            sums, weights = [], []
-            for value, weight in values.values():
-                value = value.detach().float()
-                n = torch.as_tensor(value.numel() if value.dim() else weight, dtype=torch.float32, device=self.device)
-                sums.append(value.sum() if value.dim() else value * n)
-                weights.append(n)
-            totals = self.trainer.strategy.reduce(torch.stack([torch.stack(sums), torch.stack(weights)]),
-                                                  reduce_op="sum")  # [2, metrics]
-            means = dict(zip(values, totals[0] / totals[1].clamp(min=1e-12)))
-        for name, value in means.items():
-            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
-
-    def _update_and_log(self, prefix: str, values: dict[str, tuple[Tensor, Tensor | float]]) -> None:
-        for name, (value, weight) in values.items():
-            metric = self.val_metrics[name.replace("/", "__")]
-            metric.update(value.detach().float(), weight)
-            self.log(f"{prefix}/{name}", metric, on_step=False, on_epoch=True)
+    def evaluate(self, batch: dict, prefix: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} defines no validation")
 
 
 class WSPOModule(PreferenceModule):
-    """Weak-to-strong preference optimisation (arXiv 2410.18640), token-level loss of DESIGN.md.
+    """Weak-to-strong preference optimisation (arXiv 2410.18640), token-level loss of docs/design.md.
 
     Args:
         weak_base: the weak model before alignment (frozen).
         weak_aligned: the same weak model after alignment (frozen).
         gamma: alignment strength; the authors' `pref_beta = b` corresponds to gamma = 1/b.
             A GammaSchedule callback may change `self.gamma` during training.
-        train_on_rejected: also train on rejected responses (extra text; off, as in DESIGN.md).
+        train_on_rejected: also train on rejected responses (extra text; off, as in the design).
         Other arguments: see PreferenceModule.
     """
+
+    metric_names = ["loss", "wspo/delta_strong", "wspo/delta_weak", "wspo/residual", "logratio/policy_reference",
+                    "rewards/weak_margin", "rewards/weak_accuracy", "rewards/strong_margin",
+                    "rewards/strong_accuracy"]
 
     def __init__(self, policy: ModelSpec, weak_base: ModelSpec, weak_aligned: ModelSpec,
                  reference: ModelSpec | None = None, gamma: float = 1.0, train_on_rejected: bool = False,
@@ -324,10 +222,6 @@ class WSPOModule(PreferenceModule):
                          disable_dropout, cache_dir)
         self.weak_base_spec, self.weak_aligned_spec = as_spec(weak_base), as_spec(weak_aligned)
         self.gamma = float(gamma)  # documented hook: GammaSchedule sets it before each training batch
-        self.val_metrics = self._make_metrics([
-            "loss", "wspo/delta_strong", "wspo/delta_weak", "wspo/residual", "kl/policy_reference",
-            "rewards/weak_margin", "rewards/weak_accuracy", "rewards/strong_margin", "rewards/strong_accuracy",
-        ])
 
     @property
     def trains_on_pairs(self) -> bool:
@@ -343,25 +237,19 @@ class WSPOModule(PreferenceModule):
         return ["delta_weak"] + (["reference"] if reference else [])
 
     def _step_logps(self, batch: dict, split: str, pairs: bool) -> dict[str, Tensor]:
-        """`_all_logps` of a step's rows (chosen, then rejected with `pairs`), frozen values from the cache if any."""
-        sides, sequences = _sides(batch, pairs)
-        return self._all_logps(*sequences, cached=self.cached(batch, split, sides, response_mask(sequences[2])))
+        """Per-token log-probs of a step's rows (chosen, then rejected with `pairs`), each [rows, T']: the policy
+        (with grad), the reference and the weak pair, frozen values from the cache where it has them.
 
-    def _all_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
-                   cached: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """One forward per model: policy (with grad), reference, weak_aligned, weak_base; each [B, T'].
-
-        `cached` values replace forwards: "reference", and "delta_weak" as weak_aligned with zeros as
-        weak_base (the loss and rewards use only their difference)."""
-        cached = cached or {}
-        sequences = (input_ids, attention_mask, labels)
-        policy, mask = response_logps(self.policy, *sequences)
-        reference = cached["reference"] if "reference" in cached else self.reference_logps(*sequences)
+        A cached delta_weak stands in as weak_aligned with zeros as weak_base (the loss and rewards use only
+        their difference)."""
+        sides, rows = step_rows(batch, pairs)
+        policy, mask = response_logps(self.policy, *rows)
+        cached = self.cached(batch, split, sides, mask)
+        reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
         if "delta_weak" in cached:
             weak_aligned, weak_base = cached["delta_weak"], torch.zeros_like(cached["delta_weak"])
         else:
-            weak_aligned = self.frozen_logps("weak_aligned", *sequences)
-            weak_base = self.frozen_logps("weak_base", *sequences)
+            weak_aligned, weak_base = self.frozen.logps("weak_aligned", *rows), self.frozen.logps("weak_base", *rows)
         return {"policy": policy, "reference": reference, "weak_aligned": weak_aligned, "weak_base": weak_base,
                 "mask": mask}
 
@@ -375,27 +263,20 @@ class WSPOModule(PreferenceModule):
         rows, tokens = lp["mask"].shape[0], lp["mask"].sum()
         self.log("train/wspo/gamma", self.gamma, batch_size=rows)
         values = {"loss": (loss, rows), **{f"wspo/{name}": (stats[name], tokens) for name in stats},
-                  "kl/policy_reference": (stats["delta_strong"], tokens)}
+                  "logratio/policy_reference": (stats["delta_strong"], tokens)}
         self._log_step(values, batch_size=rows)
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
-        return self._evaluate(batch, "test")
-
-    def _evaluate(self, batch: dict, prefix: str) -> dict[str, Tensor]:
-        has_pairs = "rejected_input_ids" in batch
+    def evaluate(self, batch: dict, prefix: str) -> dict[str, Tensor]:
         n = batch["chosen_input_ids"].shape[0]
         lp = self._step_logps(batch, prefix, pairs=True)
         chosen = {k: v[:n] for k, v in lp.items()}
         loss, stats = self._loss_and_stats(chosen)
         tokens = chosen["mask"].sum()
-        values = {"loss": (loss, n), "kl/policy_reference": (stats["delta_strong"], tokens)}
+        values = {"loss": (loss, n), "logratio/policy_reference": (stats["delta_strong"], tokens)}
         values.update({f"wspo/{k}": (v, tokens) for k, v in stats.items()})
         outputs = {}
-        if has_pairs:
+        if "rejected_input_ids" in batch:
             for kind, (a, b) in {"weak": ("weak_aligned", "weak_base"), "strong": ("policy", "reference")}.items():
                 rewards = losses.implicit_reward(lp[a], lp[b], lp["mask"])  # [2n]
                 margin, correct = losses.reward_margin(rewards[:n], rewards[n:])
@@ -416,9 +297,8 @@ class WSPOModule(PreferenceModule):
                 log.warning("weak_reward: the weak pair is not loaded (cache_dir), weak rewards of new text are NaN")
                 self._warned_no_weak_pair = True
             return torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
-        aligned, mask = response_logps(self.frozen["weak_aligned"], input_ids, attention_mask, labels)
-        base = self.frozen_logps("weak_base", input_ids, attention_mask, labels)
-        return losses.implicit_reward(aligned, base, mask)
+        delta = self.frozen.delta_weak(input_ids, attention_mask, labels)
+        return losses.implicit_reward(delta, torch.zeros_like(delta), response_mask(labels))
 
 
 class DPOModule(PreferenceModule):
@@ -431,6 +311,8 @@ class DPOModule(PreferenceModule):
     """
 
     trains_on_pairs = True
+    metric_names = ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                    "logps/chosen", "logps/rejected", "logratio/policy_reference"]
 
     def __init__(self, policy: ModelSpec, reference: ModelSpec | None = None, beta: float = 0.1,
                  label_smoothing: float = 0.0, learning_rate: float = 1e-6, weight_decay: float = 0.0,
@@ -440,30 +322,26 @@ class DPOModule(PreferenceModule):
             raise InputError(f"model.beta must be a finite positive number, got {beta}")
         super().__init__(policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings,
                          disable_dropout, cache_dir)
-        self.val_metrics = self._make_metrics([
-            "loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-            "logps/chosen", "logps/rejected", "kl/policy_reference",
-        ])
 
     def _step(self, batch: dict, split: str) -> dict[str, tuple[Tensor, Any]]:
         if "rejected_input_ids" not in batch:
             raise InputError("DPO needs preference pairs: every record must have 'chosen' and 'rejected'")
         n = batch["chosen_input_ids"].shape[0]
-        sides, sequences = _sides(batch, pairs=True)
-        policy, mask = response_logps(self.policy, *sequences)
+        sides, rows = step_rows(batch, pairs=True)
+        policy, mask = response_logps(self.policy, *rows)
         cached = self.cached(batch, split, sides, mask)  # {} without a cache
-        reference = cached["reference"] if "reference" in cached else self.reference_logps(*sequences)
+        reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
         policy_seq, reference_seq = losses.sequence_logps(policy, mask), losses.sequence_logps(reference, mask)
         per_example, chosen_rewards, rejected_rewards = losses.dpo_loss(
             policy_seq[:n], policy_seq[n:], reference_seq[:n], reference_seq[n:],
             beta=self.hparams.beta, label_smoothing=self.hparams.label_smoothing)
         margin, correct = losses.reward_margin(chosen_rewards, rejected_rewards)
-        kl = ((policy - reference) * mask).sum() / mask.sum().clamp(min=1)
+        logratio = ((policy - reference) * mask).sum() / mask.sum().clamp(min=1)
         return {
             "loss": (per_example.mean(), n), "rewards/chosen": (chosen_rewards, 1.0),
             "rewards/rejected": (rejected_rewards, 1.0), "rewards/margins": (margin, 1.0),
             "rewards/accuracies": (correct, 1.0), "logps/chosen": (policy_seq[:n].detach(), 1.0),
-            "logps/rejected": (policy_seq[n:].detach(), 1.0), "kl/policy_reference": (kl, mask.sum()),
+            "logps/rejected": (policy_seq[n:].detach(), 1.0), "logratio/policy_reference": (logratio, mask.sum()),
         }
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -471,8 +349,40 @@ class DPOModule(PreferenceModule):
         self._log_step(values, batch_size=batch["chosen_input_ids"].shape[0])
         return values["loss"][0]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._update_and_log("val", self._step(batch, "val"))
+    def evaluate(self, batch: dict, prefix: str) -> None:
+        self._update_and_log(prefix, self._step(batch, prefix))
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._update_and_log("test", self._step(batch, "test"))
+
+class SFTModule(PreferenceModule):
+    """Supervised fine-tuning on the chosen responses: the mean negative log-likelihood of their tokens.
+
+    A baseline for WSPO on the same text: does aligning to the weak pair's shift beat plain fine-tuning on
+    the positive responses? No frozen model: nothing loads but the policy.
+
+    Args: see PreferenceModule (`reference` is unused).
+    """
+
+    metric_names = ["loss", "logps/chosen"]
+
+    def _live_roles(self) -> set[str]:
+        return set()
+
+    def required_cache_values(self) -> list[str]:
+        return []
+
+    def cacheable_values(self, reference: bool = True) -> list[str]:
+        raise InputError("SFTModule uses no frozen model: there is nothing to precompute")
+
+    def _step(self, batch: dict) -> dict[str, tuple[Tensor, Any]]:
+        policy, mask = response_logps(self.policy, *sequences(batch, "chosen"))
+        tokens = mask.sum()
+        per_sequence = losses.sequence_logps(policy, mask)  # [B]
+        return {"loss": (-per_sequence.sum() / tokens.clamp(min=1), tokens), "logps/chosen": (per_sequence.detach(), 1.0)}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        values = self._step(batch)
+        self._log_step(values, batch_size=batch["chosen_input_ids"].shape[0])
+        return values["loss"][0]
+
+    def evaluate(self, batch: dict, prefix: str) -> None:
+        self._update_and_log(prefix, self._step(batch))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from wspo_lightning.io import import_object
 
 
 class Reward(Protocol):
@@ -34,7 +37,5 @@ def load_reward(reward: str | Any) -> Reward:
     a class is built with no arguments), or an instance (returned as given)."""
     if not isinstance(reward, str):
         return reward
-    from wspo_lightning.pipeline.stage import import_object
-
     obj = import_object(NAMES.get(reward, reward))
     return obj() if isinstance(obj, type) else obj

@@ -9,7 +9,7 @@ import random
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -19,7 +19,9 @@ from transformers import (
     Qwen2Config,
 )
 
-from wspo_lightning.pipeline.stage import write_jsonl  # re-exported: tests write toy data with it
+from wspo_lightning.commands import run_function
+from wspo_lightning.errors import InputError
+from wspo_lightning.io import write_jsonl  # re-exported: tests write toy data with it
 
 # ChatML, the template family of Qwen2 and SmolLM2, so the tiny world exercises the same path.
 CHATML_TEMPLATE = (
@@ -28,7 +30,37 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Qwen2's own template: ChatML with a default system turn.
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Llama 3's: BOS in the template, turns end with <|eot_id|>, contents trimmed of whitespace.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+# Tokenizer shapes people train with: special tokens, eos / bos / pad, chat template, whether the
+# tokenizer itself adds a BOS.
+SHAPES = {
+    # SmolLM2-like: ChatML, and eos is the end-of-turn <|im_end|>
+    "chatml": dict(special=SPECIAL_TOKENS, eos="<|im_end|>", bos="<|endoftext|>", pad="<pad>",
+                   template=CHATML_TEMPLATE, add_bos=False),
+    # Qwen2 base: ChatML turns end with <|im_end|>, but eos is <|endoftext|>
+    "qwen2_base": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|endoftext|>", bos=None,
+                       pad="<|endoftext|>", template=QWEN2_TEMPLATE, add_bos=False),
+    # Llama 3: turns end with <|eot_id|>, eos is <|end_of_text|>, the tokenizer adds <|begin_of_text|>
+    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<|eot_id|>"], eos="<|end_of_text|>", bos="<|begin_of_text|>", pad=None,
+                   template=LLAMA3_TEMPLATE, add_bos=True),
+    # no chat template, a BOS added by the tokenizer (Llama 2 base style)
+    "plain": dict(special=["<s>", "</s>", "<unk>"], eos="</s>", bos="<s>", pad=None, template=None, add_bos=True),
+}
 
 _SUBJECTS = ["The film", "This movie", "The acting", "The plot", "The soundtrack", "The ending", "The director"]
 _GOOD = ["was wonderful", "felt warm and funny", "is a delight", "left me smiling", "was brilliant"]
@@ -43,28 +75,34 @@ def _sentences(n: int, seed: int) -> list[str]:
     ]
 
 
-def build_tokenizer(vocab_size: int = 300, chat_template: bool = True) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on a small built-in corpus (deterministic)."""
+def build_tokenizer(vocab_size: int = 300, chat_template: bool = True, shape: str = "chatml") -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer of one of the `SHAPES` on a small built-in corpus (deterministic).
+
+    `chat_template=False` (chatml shape only): no template and eos <|endoftext|>."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown tokenizer shape {shape!r}: expected one of {sorted(SHAPES)}")
+    spec = SHAPES[shape]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=spec["special"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_sentences(400, seed=0) + ["user assistant system\n"], trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        bos_token="<|endoftext|>",
-        pad_token="<pad>",
-        model_max_length=2048,
-    )
-    if chat_template:
-        fast.chat_template = CHATML_TEMPLATE
-        fast.eos_token = "<|im_end|>"  # chat models end a turn with <|im_end|>, as SmolLM2 does
+    if spec["add_bos"]:
+        bos = spec["bos"]
+        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.token_to_id(bos))])
+    names = {"eos_token": "<|endoftext|>" if shape == "chatml" else spec["eos"], "bos_token": spec["bos"],
+             "pad_token": spec["pad"]}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048,
+                                   **{k: v for k, v in names.items() if v is not None})
+    if spec["template"] and chat_template:
+        fast.chat_template = spec["template"]
+        fast.eos_token = spec["eos"]
     return fast
 
 
@@ -146,3 +184,24 @@ def write_tiny_world(out_dir: str | Path, arch: str = "llama", n_train: int = 64
     write_jsonl(out / "train.jsonl", preference_records(n_train, seed=0))
     write_jsonl(out / "val.jsonl", preference_records(n_val, seed=1))
     return out
+
+
+def tiny(out: str, arch: str = "llama", n_train: int = 64, n_val: int = 16) -> Path:
+    """Write a tiny random policy, weak pair and toy preference data, for trying the CLI offline.
+
+    Args:
+        out: folder to write policy/, weak_base/, weak_aligned/, train.jsonl and val.jsonl to.
+        arch: llama, qwen2 or gpt2.
+        n_train: training records.
+        n_val: validation records.
+    """
+    if arch not in ("llama", "qwen2", "gpt2"):
+        raise InputError(f"tiny: arch must be llama, qwen2 or gpt2, got {arch!r}")
+    path = write_tiny_world(out, arch=arch, n_train=n_train, n_val=n_val)
+    print(f"wrote a tiny {arch} world to {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wspo tiny --out DIR [--arch llama|qwen2|gpt2] [--n_train N] [--n_val N]`."""
+    return run_function(tiny, argv, "wspo tiny")

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from wspo_lightning.pipeline.stage import atomic_path
+from wspo_lightning.io import atomic_path
 
 log = logging.getLogger(__name__)
 

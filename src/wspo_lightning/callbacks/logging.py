@@ -14,7 +14,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from wspo_lightning.losses import IGNORE_INDEX
+from wspo_lightning.logprobs import left_pad, right_pad
+from wspo_lightning.render import Renderer, plain_text
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -73,8 +74,11 @@ class RewardMarginLogger(pl.Callback):
 class SampleTable(pl.Callback):
     """At each validation end, complete a few fixed validation prompts with the policy and log a table.
 
-    Columns: step, prompt, completion, weak reward (WSPO runs: sum of the weak pair's log-ratio over
-    the completion). Logged to W&B as a table and written to `<log_dir>/samples/step_<N>.jsonl`.
+    Prompts are rendered, and generation stops, as in training (`PreferenceDataModule.renderer`: the chat
+    template's end-of-turn among the stop ids). Columns: step, prompt, completion, finished (ended by a stop
+    id rather than the length limit), weak reward (WSPO runs: sum of the weak pair's log-ratio over the
+    completion). Written to `<log_dir>/samples/step_<N>.jsonl`, and to W&B as one table holding the rows of
+    every validation so far (so its latest version shows the whole history).
 
     Args:
         num_prompts: how many validation prompts (the first ones, so every table is comparable).
@@ -82,8 +86,11 @@ class SampleTable(pl.Callback):
         do_sample: sample instead of greedy decoding.
     """
 
+    columns = ["step", "prompt", "completion", "finished", "weak_reward"]
+
     def __init__(self, num_prompts: int = 4, max_new_tokens: int = 32, do_sample: bool = False) -> None:
         self.num_prompts, self.max_new_tokens, self.do_sample = num_prompts, max_new_tokens, do_sample
+        self.history: list[dict] = []
 
     @torch.no_grad()
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -92,7 +99,7 @@ class SampleTable(pl.Callback):
         prompts = trainer.datamodule.prompts("val", self.num_prompts)
         if not prompts:
             return
-        rows = self._complete(pl_module, trainer.datamodule.tokenizer, prompts)
+        rows = self._complete(pl_module, trainer.datamodule.renderer, prompts)
         # trainer.log_dir is a broadcast: every rank must ask for it
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.jsonl"
         if not trainer.is_global_zero:
@@ -101,42 +108,34 @@ class SampleTable(pl.Callback):
             row["step"] = trainer.global_step
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-        columns = ["step", "prompt", "completion", "weak_reward"]
+        self.history += rows
         for logger in _wandb_loggers(trainer):
-            logger.log_table(key="val/samples", columns=columns, data=[[r[c] for c in columns] for r in rows])
+            logger.log_table(key="val/samples", columns=self.columns,
+                             data=[[r[c] for c in self.columns] for r in self.history])
 
-    def _complete(self, pl_module: pl.LightningModule, tokenizer: Any, prompts: list[str]) -> list[dict]:
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # generation appends on the right
-        try:
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        finally:
-            tokenizer.padding_side = padding_side
-        encoded = encoded.to(pl_module.device)
+    def _complete(self, pl_module: pl.LightningModule, renderer: Renderer, prompts: list) -> list[dict]:
+        tokenizer = renderer.tokenizer
         policy = pl_module.policy
+        stop = renderer.stop_ids(policy)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        prompt_ids = renderer.prompt_ids(prompts)
+        input_ids, attention_mask = left_pad(prompt_ids, pad, pl_module.device)
         was_training = policy.training
         policy.eval()
-        generated = policy.generate(**encoded, max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                    pad_token_id=tokenizer.pad_token_id)
+        generated = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                    pad_token_id=pad, eos_token_id=stop)
         policy.train(was_training)
-        prompt_len = encoded["input_ids"].shape[1]
-        completion_ids = generated[:, prompt_len:]
-        completions = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        width = input_ids.shape[1]
+        completion_ids = generated[:, width:]  # [B, new]
+        is_stop = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
+        after_stop = (is_stop.int().cumsum(dim=1) - is_stop.int()) > 0  # generate pads there
+        finished = is_stop.any(dim=1).tolist()
+        responses = [row[~cut].tolist() for row, cut in zip(completion_ids, after_stop)]
+        completions = [renderer.decode(ids) for ids in responses]
         rewards = [None] * len(prompts)
-        if hasattr(pl_module, "weak_reward"):
-            labels = generated.clone()
-            labels[:, :prompt_len] = IGNORE_INDEX
-            attention_mask = torch.cat([encoded["attention_mask"], torch.ones_like(completion_ids)], dim=1)
-            after_eos = _after_first_eos(completion_ids, tokenizer.eos_token_id)
-            labels[:, prompt_len:][after_eos] = IGNORE_INDEX
-            attention_mask[:, prompt_len:][after_eos] = 0
-            rewards = pl_module.weak_reward(generated, attention_mask, labels).tolist()
-        return [{"prompt": p, "completion": c, "weak_reward": r} for p, c, r in zip(prompts, completions, rewards)]
-
-
-def _after_first_eos(ids: torch.Tensor, eos_token_id: int | None) -> torch.Tensor:
-    """Mask [B, T] of positions strictly after each row's first EOS (generate pads there)."""
-    if eos_token_id is None:
-        return torch.zeros_like(ids, dtype=torch.bool)
-    is_eos = (ids == eos_token_id).int()
-    return (is_eos.cumsum(dim=1) - is_eos) > 0
+        if hasattr(pl_module, "weak_reward"):  # scored right-padded, as in training (no left-padding offsets)
+            rows = right_pad(prompt_ids, responses, pad)
+            rewards = pl_module.weak_reward(*(t.to(pl_module.device) for t in rows)).tolist()
+        return [{"prompt": plain_text(p), "completion": c, "finished": f, "weak_reward": r}
+                for p, c, f, r in zip(prompts, completions, finished, rewards)]

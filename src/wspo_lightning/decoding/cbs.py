@@ -1,4 +1,4 @@
-"""Chunk-level beam search (CBS, weak-to-strong search, DESIGN.md section 2).
+"""Chunk-level beam search (CBS, weak-to-strong search, docs/design.md section 2).
 
 Keep W beams per prompt. Each round, every beam samples K continuations of L tokens from the frozen
 strong model; each candidate is scored by the weak pair's log-ratio summed over its whole response so
@@ -20,17 +20,27 @@ import torch
 from torch import Tensor
 
 from wspo_lightning.decoding.sampling import (
-    KVState, StopChecker, check_sampling, draw, encode_prompts, eos_ids, left_pad, make_generator,
-    response_tokens, truncate_at_stop, warp,
+    KVState,
+    StopChecker,
+    as_renderer,
+    check_sampling,
+    draw,
+    eos_ids,
+    make_generator,
+    response_tokens,
+    truncate_at_stop,
+    warp,
 )
 from wspo_lightning.decoding.scorer import WeakPairScorer
+from wspo_lightning.logprobs import left_pad
+from wspo_lightning.render import Prompt, Renderer
 
 
 @dataclass
 class CBSResult:
     """The best beam for one prompt."""
 
-    prompt: str
+    prompt: Prompt
     completion: str
     """Decoded response (special tokens dropped), cut before the first stop string."""
     token_ids: list[int]
@@ -68,7 +78,7 @@ def chunk_beam_search(
     weak_aligned,
     weak_base,
     weak_tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     beam_width: int = 4,
     num_continuations: int = 4,
@@ -76,6 +86,7 @@ def chunk_beam_search(
     max_new_tokens: int = 128,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     eos_token_id: int | Sequence[int] | None = None,
     stop_strings: Sequence[str] = (),
     chat_template: bool = True,
@@ -88,11 +99,13 @@ def chunk_beam_search(
     """Run CBS over a batch of prompts; one `CBSResult` (the best beam) per prompt.
 
     Args:
-        strong, strong_tokenizer: the frozen model that proposes continuations.
-        weak_aligned, weak_base, weak_tokenizer: the weak pair that scores them (`weak_tokenizer=None`: the strong one).
+        strong, strong_tokenizer: the frozen model that proposes continuations, and its tokenizer or `Renderer`.
+        weak_aligned, weak_base, weak_tokenizer: the weak pair that scores them, and its tokenizer or `Renderer`
+            (None: the strong one).
+        prompts: text (one user turn) or message lists.
         beam_width, num_continuations, chunk_length: W, K, L.
-        temperature, top_p, max_new_tokens, eos_token_id, stop_strings: as in `proxy_sample`.
-        chat_template: wrap each prompt as a user turn of each tokenizer's chat template.
+        temperature, top_p, top_k, max_new_tokens, eos_token_id, stop_strings: as in `proxy_sample`.
+        chat_template: with tokenizers (not renderers): render prompts with each one's chat template.
         seed / generator: randomness (neither: torch's global RNG). With W = K = 1 the draws equal `sample`'s.
         rescore_text: score decoded text re-tokenised by the weak tokenizer (default: only when the two
             vocabularies differ; otherwise the weak pair scores the strong token ids themselves).
@@ -101,21 +114,21 @@ def chunk_beam_search(
         trace: if a list, one `ChunkRecord` is appended per round.
     """
     check_search(beam_width, num_continuations, chunk_length)
-    check_sampling(temperature, top_p, max_new_tokens)
+    check_sampling(temperature, top_p, max_new_tokens, top_k)
     if weak_aligned is None or weak_base is None:
         raise ValueError("chunk_beam_search needs both weak_aligned and weak_base models to score candidates")
     if not prompts:
         return []
-    weak_tokenizer = weak_tokenizer if weak_tokenizer is not None else strong_tokenizer
+    strong_renderer = as_renderer(strong_tokenizer, chat_template)
+    weak_renderer = as_renderer(weak_tokenizer, chat_template) if weak_tokenizer is not None else strong_renderer
     if rescore_text is None:
-        rescore_text = weak_tokenizer.get_vocab() != strong_tokenizer.get_vocab()
-    search = _Search(strong, strong_tokenizer, WeakPairScorer(weak_aligned, weak_base, weak_tokenizer, chat_template),
-                     prompts, beam_width, num_continuations, eos_token_id, stop_strings, chat_template,
-                     rescore_text, reuse_cache)
+        rescore_text = weak_renderer.tokenizer.get_vocab() != strong_renderer.tokenizer.get_vocab()
+    search = _Search(strong, strong_renderer, WeakPairScorer(weak_aligned, weak_base, weak_renderer), prompts,
+                     beam_width, num_continuations, eos_token_id, stop_strings, rescore_text, reuse_cache)
     generator = generator if generator is not None else make_generator(seed, search.device)
     while search.length < max_new_tokens and not search.all_done:
         search.expand()
-        search.sample_chunk(min(chunk_length, max_new_tokens - search.length), temperature, top_p, generator)
+        search.sample_chunk(min(chunk_length, max_new_tokens - search.length), temperature, top_p, top_k, generator)
         search.keep_best(trace)
         if search.length < max_new_tokens and not search.all_done:
             search.feed_last()
@@ -125,17 +138,16 @@ def chunk_beam_search(
 class _Search:
     """The state of one CBS run over B prompts: B * W beam rows, B * W * K while sampling a chunk."""
 
-    def __init__(self, strong, tokenizer, scorer: WeakPairScorer, prompts, W: int, K: int, eos_token_id,
-                 stop_strings, chat_template: bool, rescore_text: bool, reuse_cache: bool) -> None:
-        self.tokenizer, self.scorer, self.prompts = tokenizer, scorer, list(prompts)
+    def __init__(self, strong, renderer: Renderer, scorer: WeakPairScorer, prompts, W: int, K: int, eos_token_id,
+                 stop_strings, rescore_text: bool, reuse_cache: bool) -> None:
+        self.tokenizer, self.scorer, self.prompts = renderer.tokenizer, scorer, list(prompts)
         self.W, self.K, self.B = W, K, len(prompts)
         self.rescore_text, self.reuse_cache, self.stop_strings = rescore_text, reuse_cache, list(stop_strings)
         self.device = next(strong.parameters()).device
-        eos = eos_ids(strong, tokenizer, eos_token_id)
-        self.stopper = StopChecker(eos, tokenizer, stop_strings)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-        self.prompt_ids, self.prompt_mask = left_pad(encode_prompts(tokenizer, prompts, chat_template),
-                                                     self.pad, self.device)
+        eos = eos_ids(strong, renderer, eos_token_id)
+        self.stopper = StopChecker(eos, self.tokenizer, stop_strings)
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        self.prompt_ids, self.prompt_mask = left_pad(renderer.prompt_ids(prompts), self.pad, self.device)
         self.weak_prompt_ids = scorer.prompt_ids(prompts)
 
         beams = torch.arange(self.B, device=self.device).repeat_interleave(W)
@@ -173,13 +185,13 @@ class _Search:
         self._select(torch.arange(self.B * self.W, device=self.device).repeat_interleave(self.K))
         self.parent_done = self.ended_at >= 0
 
-    def sample_chunk(self, n: int, temperature: float, top_p: float, generator) -> None:
+    def sample_chunk(self, n: int, temperature: float, top_p: float, top_k: int, generator) -> None:
         """Sample up to n tokens on every candidate row; the last one is fed after selection."""
         for step in range(n):
             if step > 0:
                 self.logits = self.strong.extend(self.tokens[:, -1:])
             done = self.ended_at >= 0
-            token = draw(warp(self.logits, temperature, top_p), temperature, generator)
+            token = draw(warp(self.logits, temperature, top_p, top_k), temperature, generator)
             token = torch.where(done, self.pad, token)
             self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
             ended, by_eos = self.stopper(self.tokens)
@@ -202,7 +214,8 @@ class _Search:
     def _candidate_scores(self, responses: list[list[int]]) -> Tensor:
         if self.rescore_text:
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            responses = self.scorer.response_ids(texts, self.by_eos.tolist())
+            prompts = [self.prompts[i] for i in self.prompt_of.tolist()]
+            responses = self.scorer.response_ids(prompts, texts, self.by_eos.tolist())
         if self.weak is not None:
             scores = self.weak.update(responses)
         else:

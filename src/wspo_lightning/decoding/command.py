@@ -1,5 +1,5 @@
-"""`wspo generate`: answer the prompts of a JSONL file by plain sampling, proxy / EFT sampling or
-chunk-level beam search, write JSONL (prompt, completion, score, settings), and optionally report a
+"""`wspo generate`: answer the prompts of a JSONL file by plain sampling, proxy / EFT sampling,
+chunk-level beam search or best-of-N, write JSONL (prompt, completion, score, settings), and optionally report a
 gold reward. Flags and `--config gen.yaml` both work; `--print_config` shows the full config.
 
 Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
@@ -16,7 +16,7 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
     prompts: tiny/val.jsonl
     # where to write one JSON line per prompt
     output: tiny/generations.jsonl
-    # sample | proxy | cbs
+    # sample | proxy | cbs | bon
     method: cbs
     # CBS: W beams kept, K continuations of L tokens sampled from each
     beam_width: 4
@@ -24,8 +24,9 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
     chunk_length: 10
     # proxy: weight of the weak log-ratio added to the strong logits (0: plain sampling)
     alpha: 1.0
-    # sampling: temperature (0: greedy), nucleus mass, length limit, stop strings
+    # sampling: temperature (0: greedy), top-k (0: off), nucleus mass, length limit, stop strings
     temperature: 1.0
+    top_k: 0
     top_p: 1.0
     max_new_tokens: 64
     stop: []
@@ -45,9 +46,10 @@ from typing import Literal
 
 import torch
 
+from wspo_lightning.commands import parse
 from wspo_lightning.errors import InputError
+from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec
-from wspo_lightning.pipeline.stage import read_jsonl, write_jsonl
 from wspo_lightning.rewards import load_reward
 
 
@@ -61,26 +63,31 @@ class GenerateConfig:
     """JSONL file with a `prompt` string on every line."""
     output: str = "generations.jsonl"
     """Output JSONL per line: id (if the prompt has one), prompt, completion, score (weak-pair reward), finished,
-    response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs),
-    reward (if asked) and settings."""
+    response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs and bon),
+    tokenizer_fingerprint (of the strong renderer), reward (if asked) and settings."""
     weak_base: ModelSpec | None = None
     """Weak model before alignment (needed by proxy and cbs)."""
     weak_aligned: ModelSpec | None = None
     """Weak model after alignment (needed by proxy and cbs)."""
-    method: Literal["sample", "proxy", "cbs"] = "cbs"
-    """sample: the strong model alone; proxy: logits shifted by alpha * weak log-ratio; cbs: chunk-level beam search."""
+    method: Literal["sample", "proxy", "cbs", "bon"] = "cbs"
+    """sample: the strong model alone; proxy: logits shifted by alpha * weak log-ratio; cbs: chunk-level beam search;
+    bon: best-of-N plain samples by the weak log-ratio."""
     beam_width: int = 4
     """CBS: W, beams kept per prompt."""
     num_continuations: int = 4
     """CBS: K, continuations sampled from every beam per round."""
     chunk_length: int = 10
     """CBS: L, tokens per continuation (1: token-level search)."""
+    best_of: int = 16
+    """bon: N, samples per prompt (the weak-to-strong search paper matches it to CBS's W*K)."""
     alpha: float = 1.0
     """Proxy: weight of log pi_weak_aligned - log pi_weak_base (0: plain sampling)."""
     temperature: float = 1.0
     """Sampling temperature (0: greedy)."""
     top_p: float = 1.0
     """Nucleus sampling mass (1: off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0: off); applied after temperature, before top_p."""
     max_new_tokens: int = 128
     """Length limit of a response, in strong-model tokens."""
     stop: list[str] = field(default_factory=list)
@@ -90,7 +97,9 @@ class GenerateConfig:
     batch_size: int = 8
     """Prompts decoded together."""
     chat_template: bool = True
-    """Wrap each prompt as a user turn of each tokenizer's chat template (if it has one)."""
+    """Render each prompt as a user turn of each tokenizer's chat template (if it has one)."""
+    prompt_template: str = "{prompt}"
+    """Plain template with a `{prompt}` field, for a tokenizer without a chat template."""
     limit: int | None = None
     """Only the first `limit` prompts."""
     reward: str | None = None
@@ -100,19 +109,21 @@ class GenerateConfig:
 
     def __post_init__(self) -> None:
         positive = {"beam_width": " (W)", "num_continuations": " (K)", "chunk_length": " (L)",
-                    "max_new_tokens": "", "batch_size": ""}
+                    "max_new_tokens": "", "batch_size": "", "best_of": " (N)"}
         for name, letter in positive.items():
             if getattr(self, name) < 1:
                 raise InputError(f"generate: {name}{letter} must be >= 1, got {getattr(self, name)}")
         if not self.temperature >= 0:
             raise InputError(f"generate: temperature must be >= 0 (0: greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise InputError(f"generate: top_k must be >= 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise InputError(f"generate: top_p must be in (0, 1], got {self.top_p}")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"generate: limit must be >= 1 or null, got {self.limit}")
         if (self.weak_base is None) != (self.weak_aligned is None):
             raise InputError("generate: weak_base and weak_aligned go together: give both or neither")
-        if self.method in ("proxy", "cbs") and self.weak_base is None:
+        if self.method in ("proxy", "cbs", "bon") and self.weak_base is None:
             raise InputError(f"generate: method {self.method} needs weak_base and weak_aligned")
 
     def settings(self) -> dict:
@@ -120,13 +131,16 @@ class GenerateConfig:
         out = {"method": self.method, "strong": self.strong.path,
                "weak_base": self.weak_base.path if self.weak_base else None,
                "weak_aligned": self.weak_aligned.path if self.weak_aligned else None,
-               "temperature": self.temperature, "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
-               "stop": self.stop, "seed": self.seed, "chat_template": self.chat_template}
+               "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+               "max_new_tokens": self.max_new_tokens, "stop": self.stop, "seed": self.seed,
+               "chat_template": self.chat_template, "prompt_template": self.prompt_template}
         if self.method == "cbs":
             out.update(beam_width=self.beam_width, num_continuations=self.num_continuations,
                        chunk_length=self.chunk_length)
         if self.method == "proxy":
             out["alpha"] = self.alpha
+        if self.method == "bon":
+            out["best_of"] = self.best_of
         return out
 
 
@@ -138,26 +152,9 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
     return records
 
 
-def build_parser():
-    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
-
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ArgumentParser(prog="wspo generate", description=GenerateConfig.__doc__)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML config (flags after it override it)")
-    parser.add_class_arguments(GenerateConfig)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
     """`wspo generate [--config gen.yaml] [--flag value ...]`; returns the exit code."""
-    parser = build_parser()
-    namespace = parser.parse_args(argv)
-    values = parser.instantiate(namespace).as_dict() if hasattr(parser, "instantiate") else None
-    if values is None:  # jsonargparse < 4.49
-        values = parser.instantiate_classes(namespace).as_dict()
-    values.pop("config", None)
-    config = GenerateConfig(**values)
-    generate(config)
+    generate(GenerateConfig(**parse(GenerateConfig, argv, "wspo generate")))
     return 0
 
 
@@ -187,7 +184,8 @@ def generate(config: GenerateConfig) -> list[dict]:
             for record, g, value in zip(batch, generations, rewards):
                 row = {"id": record["id"]} if "id" in record else {}
                 row.update(prompt=record["prompt"], completion=g.completion, score=g.score, finished=g.finished,
-                           response_ids=g.token_ids, num_tokens=len(g.token_ids), logp=g.logp)
+                           response_ids=g.token_ids, num_tokens=len(g.token_ids), logp=g.logp,
+                           tokenizer_fingerprint=decoder.renderer.fingerprint)
                 if reward is not None:
                     row["reward"] = float(value)
                 row["settings"] = settings

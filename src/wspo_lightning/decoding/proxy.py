@@ -1,6 +1,6 @@
 """Plain and proxy / EFT sampling from the strong model, with KV caches for all three models.
 
-Proxy sampling (arXiv 2405.19262, DESIGN.md section 2) shifts the strong model's next-token logits by
+Proxy sampling (arXiv 2405.19262, docs/design.md section 2) shifts the strong model's next-token logits by
 the weak pair's log-ratio, `log pi_strong + alpha * (log pi_weak_aligned - log pi_weak_base)`, then
 applies the usual temperature and top-p. It needs one vocabulary shared by all three models.
 """
@@ -40,6 +40,7 @@ def proxy_sample(
     alpha: float = 1.0,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     max_new_tokens: int = 128,
     num_samples: int = 1,
     eos_token_id: int | Sequence[int] | None = None,
@@ -57,22 +58,24 @@ def proxy_sample(
         strong, weak_aligned, weak_base: causal LMs over one vocabulary (the weak pair may be None when alpha = 0).
         input_ids, attention_mask: [rows, prompt tokens], left-padded (0 in the mask marks padding).
         alpha: weight of the weak log-ratio; 0 is plain sampling from `strong`.
-        temperature, top_p: applied to the combined scores (temperature 0: greedy).
+        temperature, top_k, top_p: applied to the combined scores in `generate`'s order (temperature 0: greedy;
+            top_k 0 and top_p 1: off).
         max_new_tokens: length limit.
         num_samples: continuations per prompt, as rows prompt * num_samples + i (each prompt is encoded
             once and its cache repeated).
-        eos_token_id: ids that end a row (default: the strong model's generation config).
+        eos_token_id: ids that end a row (default: the stop ids of `tokenizer`'s renderer, see `eos_ids`).
         pad_token_id: fills rows after they end (default: the model's pad id, else the first EOS id).
         stop_strings: a row also ends when its text ends with one of these (needs `tokenizer`).
+        tokenizer: the strong tokenizer or its `Renderer` (for stop ids and stop strings).
         seed / generator: randomness; neither means torch's global RNG. Draws consume it exactly as
             `strong.generate(do_sample=True, top_k=0)` does, so equal seeds give equal tokens at alpha 0.
         return_ended_at: also return, per row, the index of the token that ended it (-1: cut at the limit).
         return_logps: also return [rows, generated] float32: the log-probability of each drawn token under
-            the distribution it was drawn from (after the weak shift, temperature and top_p; 0 when greedy;
+            the distribution it was drawn from (after the weak shift, temperature, top_k and top_p; 0 when greedy;
             0 after a row ended). Their sum over a response is its exact log-likelihood under this sampler,
             so KL(sampler || strong) can be estimated from the samples.
     """
-    check_sampling(temperature, top_p, max_new_tokens)
+    check_sampling(temperature, top_p, max_new_tokens, top_k)
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
     if alpha != 0 and (weak_aligned is None or weak_base is None):
@@ -104,7 +107,7 @@ def proxy_sample(
     logps = []  # per step [rows]
     for step in range(max_new_tokens):
         scores = proxy_logits(logits[0], *(logits[1:] if alpha != 0 else (None, None)), alpha)
-        warped = warp(scores, temperature, top_p)
+        warped = warp(scores, temperature, top_p, top_k)
         token = draw(warped, temperature, generator)
         if return_logps:
             drawn = (torch.zeros(rows, device=device) if temperature == 0

@@ -1,4 +1,4 @@
-"""Loads the models a `GenerateConfig` names and decodes batches of prompt text with its method."""
+"""Loads the models a `GenerateConfig` names and decodes batches of prompts with its method."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import torch
 
 from wspo_lightning.decoding.cbs import chunk_beam_search
 from wspo_lightning.decoding.proxy import proxy_sample
-from wspo_lightning.decoding.sampling import (
-    encode_prompts, eos_ids, left_pad, make_generator, response_tokens, truncate_at_stop,
-)
+from wspo_lightning.decoding.sampling import make_generator, response_tokens, truncate_at_stop
 from wspo_lightning.decoding.scorer import WeakPairScorer
+from wspo_lightning.logprobs import left_pad
 from wspo_lightning.models import check_same_vocabulary, load_model, load_tokenizer
+from wspo_lightning.render import Prompt, Renderer
 
 
 @dataclass
@@ -27,10 +27,10 @@ class Generation:
     score: float | None
     """Weak-pair reward of the response (None without a weak pair)."""
     finished: bool
-    """Ended by EOS or a stop string (False: cut at max_new_tokens)."""
+    """Ended by a stop id or a stop string (False: cut at max_new_tokens)."""
     logp: float | None
-    """Log-likelihood of the response under the sampler that drew it (sample, proxy); None for CBS,
-    whose search has no tractable likelihood."""
+    """Log-likelihood of the response under the sampler that drew it (sample, proxy); None for CBS and
+    best-of-N, whose selection has no tractable likelihood."""
 
 
 class Decoder:
@@ -38,7 +38,9 @@ class Decoder:
 
     def __init__(self, config, device: torch.device) -> None:
         self.config = config
-        self.tokenizer = load_tokenizer(config.strong)
+        self.renderer = Renderer(load_tokenizer(config.strong), config.chat_template, config.prompt_template,
+                                 name=config.strong.path)
+        self.tokenizer = self.renderer.tokenizer
         self.scorer: WeakPairScorer | None = None
         self.shared_vocab = True
         if config.weak_base is not None:
@@ -47,44 +49,61 @@ class Decoder:
             if config.method == "proxy":  # per-token logits need one vocabulary
                 check_same_vocabulary({"strong": self.tokenizer, "weak_base": weak_tokenizer})
             self.shared_vocab = weak_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+            weak_renderer = Renderer(weak_tokenizer, config.chat_template, config.prompt_template,
+                                     name=config.weak_base.path)
             self.scorer = WeakPairScorer(load_model(config.weak_aligned, device=device),
-                                         load_model(config.weak_base, device=device), weak_tokenizer,
-                                         config.chat_template, batch_size=config.batch_size)
+                                         load_model(config.weak_base, device=device), weak_renderer,
+                                         batch_size=config.batch_size)
         self.strong = load_model(config.strong, device=device)
+        self.stop_ids = self.renderer.stop_ids(self.strong)
         self.device = device
         self.generator = make_generator(config.seed, device)
 
-    def __call__(self, prompts: Sequence[str]) -> list[Generation]:
+    def __call__(self, prompts: Sequence[Prompt]) -> list[Generation]:
         c = self.config
         if c.method == "cbs":
             results = chunk_beam_search(
-                self.strong, self.tokenizer, self.scorer.weak_aligned, self.scorer.weak_base, self.scorer.tokenizer,
+                self.strong, self.renderer, self.scorer.weak_aligned, self.scorer.weak_base, self.scorer.renderer,
                 prompts, beam_width=c.beam_width, num_continuations=c.num_continuations, chunk_length=c.chunk_length,
-                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, stop_strings=c.stop,
-                chat_template=c.chat_template, generator=self.generator)
+                max_new_tokens=c.max_new_tokens, temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                eos_token_id=self.stop_ids, stop_strings=c.stop, generator=self.generator)
             return [Generation(r.completion, r.token_ids, r.score, r.finished, None) for r in results]
+        if c.method == "bon":
+            return self._best_of(prompts)
         return self._sample(prompts)
 
-    def _sample(self, prompts: Sequence[str]) -> list[Generation]:
+    def _draw(self, prompts: Sequence[Prompt], num_samples: int) -> list[Generation]:
+        """`num_samples` responses per prompt (rows prompt * num_samples + i), with weak scores when there is a
+        weak pair."""
         c = self.config
-        pad = self.tokenizer.pad_token_id or 0
-        input_ids, attention_mask = left_pad(encode_prompts(self.tokenizer, prompts, c.chat_template), pad, self.device)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        input_ids, attention_mask = left_pad(self.renderer.prompt_ids(prompts), pad, self.device)
         weak = (self.scorer.weak_aligned, self.scorer.weak_base) if c.method == "proxy" else (None, None)
         tokens, ended_at, logps = proxy_sample(
             self.strong, input_ids, attention_mask, *weak, alpha=c.alpha if c.method == "proxy" else 0.0,
-            temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens, pad_token_id=pad,
-            stop_strings=c.stop, tokenizer=self.tokenizer, generator=self.generator, return_ended_at=True,
-            return_logps=True)
+            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k, max_new_tokens=c.max_new_tokens,
+            num_samples=num_samples, eos_token_id=self.stop_ids, pad_token_id=pad, stop_strings=c.stop,
+            tokenizer=self.tokenizer, generator=self.generator, return_ended_at=True, return_logps=True)
         responses = response_tokens(tokens, ended_at)
         texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
         finished = (ended_at >= 0).tolist()
-        scores: list[float | None] = [None] * len(prompts)
+        rows = [p for p in prompts for _ in range(num_samples)]
+        scores: list[float | None] = [None] * len(rows)
         if self.scorer is not None:
             if self.shared_vocab:
-                scores = self.scorer.score_ids(self.scorer.prompt_ids(prompts), responses)
+                scores = self.scorer.score_ids(self.scorer.prompt_ids(rows), responses)
             else:
-                eos = set(eos_ids(self.strong, self.tokenizer))
-                ended = [bool(r) and r[-1] in eos for r in responses]
-                scores = self.scorer.score(prompts, texts, ended)
+                ended = [bool(r) and r[-1] in self.stop_ids for r in responses]
+                scores = self.scorer.score(rows, texts, ended)
         return [Generation(truncate_at_stop(text, c.stop), ids, score, end, float(row_logps.sum()))
                 for text, ids, score, end, row_logps in zip(texts, responses, scores, finished, logps)]
+
+    def _sample(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        return self._draw(prompts, 1)
+
+    def _best_of(self, prompts: Sequence[Prompt]) -> list[Generation]:
+        """Best-of-N: N plain samples per prompt, the one with the highest weak-pair reward kept."""
+        n = self.config.best_of
+        drawn = self._draw(prompts, n)
+        best = [max(drawn[i * n:(i + 1) * n], key=lambda g: g.score) for i in range(len(prompts))]
+        return [Generation(g.completion, g.token_ids, g.score, g.finished, None) for g in best]

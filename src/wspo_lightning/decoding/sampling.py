@@ -1,5 +1,5 @@
-"""Pieces shared by the decoders: settings checks, prompt encoding with left padding, a model's
-incremental KV state, and one sampling step that draws random numbers exactly as `generate` does.
+"""Pieces shared by the decoders: settings checks, stop ids, a model's incremental KV state, and one
+sampling step that draws random numbers exactly as `generate` does.
 """
 
 from __future__ import annotations
@@ -9,12 +9,16 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from wspo_lightning.render import Renderer
 
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int, top_k: int = 0) -> None:
     """Raise ValueError naming the first bad sampling setting."""
+    if not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
     if not temperature >= 0:
         raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
     if not 0 < top_p <= 1:
@@ -23,54 +27,33 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> Non
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
+def as_renderer(tokenizer_or_renderer, chat_template: bool = True) -> Renderer:
+    """A `Renderer` as given, or one over a tokenizer (its chat template when `chat_template` and it has one)."""
+    if isinstance(tokenizer_or_renderer, Renderer):
+        return tokenizer_or_renderer
+    return Renderer(tokenizer_or_renderer, use_chat_template=chat_template)
+
+
 def eos_ids(model, tokenizer=None, eos_token_id: int | Sequence[int] | None = None) -> list[int]:
-    """The ids that end a response: given ones, else the model's generation config, else the tokenizer's."""
-    if eos_token_id is None:
-        config = getattr(model, "generation_config", None)
-        eos_token_id = getattr(config, "eos_token_id", None)
-    if eos_token_id is None and tokenizer is not None:
-        eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
+    """The ids that end a response: given ones; else the renderer's stop ids (the chat template's end-of-turn,
+    the model's generation-config eos ids and the tokenizer's eos) when a tokenizer or renderer is given;
+    else the model's generation-config eos ids."""
+    if eos_token_id is not None:
+        return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+    if tokenizer is not None:
+        return as_renderer(tokenizer).stop_ids(model)
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is None:
         return []
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(i) for i in eos_token_id]
+    return [int(config_eos)] if isinstance(config_eos, int) else [int(i) for i in config_eos]
 
 
-def format_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[str]:
-    """Each prompt as one user turn through the tokenizer's chat template (when it has one and asked)."""
-    if not chat_template or not getattr(tokenizer, "chat_template", None):
-        return list(prompts)
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                          add_generation_prompt=True) for p in prompts]
-
-
-def encode_prompts(tokenizer, prompts: Sequence[str], chat_template: bool = True) -> list[list[int]]:
-    """Token ids of each prompt. A templated prompt carries its own special tokens; raw text gets the
-    tokenizer's usual ones (a BOS for Llama-style tokenizers)."""
-    templated = chat_template and bool(getattr(tokenizer, "chat_template", None))
-    texts = format_prompts(tokenizer, prompts, chat_template)
-    ids = tokenizer(texts, add_special_tokens=not templated)["input_ids"]
-    for i, row in enumerate(ids):
-        if not row:
-            raise ValueError(f"prompt {i} is empty after tokenisation: a model needs at least one prompt token")
-    return [list(row) for row in ids]
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists: (input_ids [rows, width], attention_mask [rows, width], 0 on padding)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
-    return ids.to(device), mask.to(device)
-
-
-def warp(logits: Tensor, temperature: float, top_p: float) -> Tensor:
-    """Temperature then nucleus filtering, with transformers' own warpers (same order as `generate`)."""
+def warp(logits: Tensor, temperature: float, top_p: float, top_k: int = 0) -> Tensor:
+    """Temperature, then top-k, then nucleus filtering, with transformers' own warpers (`generate`'s order)."""
     if temperature not in (0, 1):
         logits = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_k > 0:
+        logits = TopKLogitsWarper(top_k)(None, logits)
     if top_p < 1:
         logits = TopPLogitsWarper(top_p)(None, logits)
     return logits
@@ -98,6 +81,7 @@ class StopChecker:
     def __init__(self, eos: Sequence[int], tokenizer=None, stop: Sequence[str] = ()) -> None:
         self.eos = list(eos)
         self.stop = [s for s in stop if s]
+        tokenizer = tokenizer.tokenizer if isinstance(tokenizer, Renderer) else tokenizer
         if self.stop and tokenizer is None:
             raise ValueError("stop strings need the tokenizer")
         self._strings = StopStringCriteria(tokenizer, self.stop) if self.stop else None

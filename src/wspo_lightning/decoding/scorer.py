@@ -1,5 +1,5 @@
 """The weak pair as a scorer of responses: `sum_t log pi_weak_aligned(y_t) - log pi_weak_base(y_t)` over
-the response tokens under the weak tokenizer (`reward_weak` of DESIGN.md section 2), computed directly
+the response tokens under the weak renderer (`reward_weak` of docs/design.md section 2), computed directly
 or incrementally as responses grow chunk by chunk.
 """
 
@@ -11,42 +11,44 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from wspo_lightning.decoding.sampling import KVState, encode_prompts, left_pad
-from wspo_lightning.losses import token_logps
+from wspo_lightning.decoding.sampling import KVState, as_renderer
+from wspo_lightning.logprobs import IGNORE_INDEX, left_pad, right_pad, token_logps
+from wspo_lightning.render import Prompt
 
 
 class WeakPairScorer:
-    """Scores (prompt, response) pairs with a frozen weak pair sharing `tokenizer`.
+    """Scores (prompt, response) pairs with a frozen weak pair sharing one tokenizer.
 
-    Prompts go through the weak tokenizer's chat template (when `chat_template` and it has one);
-    response text is tokenised on its own (no special tokens), plus the weak EOS when the response ended.
+    Prompts and response text are rendered by the weak pair's `Renderer` (`tokenizer` may be one, or a
+    tokenizer whose chat template is used when `chat_template`): a response that ended gets the weak
+    template's end-of-turn, one that was cut does not.
     """
 
     def __init__(self, weak_aligned, weak_base, tokenizer, chat_template: bool = True, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.weak_aligned, self.weak_base = weak_aligned, weak_base
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
+        self.renderer = as_renderer(tokenizer, chat_template)
+        self.tokenizer = self.renderer.tokenizer
         self.batch_size = batch_size
         self.device = next(weak_aligned.parameters()).device
         # Incremental scoring hides stale cache columns by position; sliding-window caches drop columns
         # themselves, so weak models with sliding-window attention are rescored from scratch instead.
         self.incremental = not any(any(DynamicCache(config=m.config).is_sliding) for m in (weak_aligned, weak_base))
 
-    def prompt_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        return encode_prompts(self.tokenizer, prompts, self.chat_template)
+    def prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
+        return self.renderer.prompt_ids(prompts)
 
-    def response_ids(self, responses: Sequence[str], ended: Sequence[bool] | None = None) -> list[list[int]]:
-        ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"] if responses else []
-        eos = self.tokenizer.eos_token_id
-        ended = ended if ended is not None else [False] * len(ids)
-        return [list(row) + ([eos] if end and eos is not None else []) for row, end in zip(ids, ended)]
+    def response_ids(self, prompts: Sequence[Prompt], responses: Sequence[str],
+                     ended: Sequence[bool] | None = None) -> list[list[int]]:
+        """Weak token ids of each response text; `ended` (default all False): it ends with the end-of-turn."""
+        ended = list(ended) if ended is not None else [False] * len(responses)
+        return self.renderer.response_ids(prompts, responses, ended)
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str],
+    def score(self, prompts: Sequence[Prompt], responses: Sequence[str],
               ended: Sequence[bool] | None = None) -> list[float]:
-        """reward_weak of each (prompt, response text), recomputed from scratch; `ended`: append the weak EOS."""
-        return self.score_ids(self.prompt_ids(prompts), self.response_ids(responses, ended))
+        """reward_weak of each (prompt, response text), recomputed from scratch; `ended`: with the end-of-turn."""
+        return self.score_ids(self.prompt_ids(prompts), self.response_ids(prompts, responses, ended))
 
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[float]:
         return [sum(row) for row in self.token_deltas(prompt_ids, response_ids)]
@@ -59,16 +61,7 @@ class WeakPairScorer:
         for start in range(0, len(prompt_ids), self.batch_size):
             prompts = prompt_ids[start: start + self.batch_size]
             responses = response_ids[start: start + self.batch_size]
-            seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-            width = max(len(s) for s in seqs)
-            ids = torch.zeros((len(seqs), width), dtype=torch.long)  # right-padded [rows, tokens]
-            labels = torch.full_like(ids, -100)  # response tokens only
-            for i, (p, s) in enumerate(zip(prompts, seqs)):
-                ids[i, : len(s)] = torch.tensor(s)
-                labels[i, len(p): len(s)] = torch.tensor(s[len(p):], dtype=torch.long)
-            ids, labels = ids.to(self.device), labels.to(self.device)
-            mask = (torch.arange(width, device=self.device)[None] < torch.tensor([len(s) for s in seqs],
-                                                                                 device=self.device)[:, None]).long()
+            ids, mask, labels = (t.to(self.device) for t in right_pad(prompts, responses, 0))
             delta = self._logps(self.weak_aligned, ids, mask, labels) - self._logps(self.weak_base, ids, mask, labels)
             for i, (p, r) in enumerate(zip(prompts, responses)):
                 out.append(delta[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
@@ -137,7 +130,7 @@ class WeakPairState:
         hidden = torch.zeros((len(feeds), width_old), dtype=torch.bool)
         tokens = torch.zeros((len(feeds), width), dtype=torch.long)  # right-padded block [rows, width]
         token_mask = torch.zeros_like(tokens)
-        labels = torch.full_like(tokens, -100)
+        labels = torch.full_like(tokens, IGNORE_INDEX)
         for i, (seq, start, feed) in enumerate(zip(new_seqs, starts, feeds)):
             hidden[i, self.cols[i][start:]] = True  # stale entries past the shared prefix
             if feed:

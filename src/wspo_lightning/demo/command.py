@@ -27,6 +27,7 @@ from wspo_lightning.demo.fits import dpo_config, gamma_slug, wspo_config
 from wspo_lightning.demo.prompts import split_prompts
 from wspo_lightning.demo.settings import PRESETS, DemoSettings
 from wspo_lightning.demo.strong import strong_model_dir
+from wspo_lightning.io import atomic_path, read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.distill import distill
 from wspo_lightning.pipeline.evaluate import EvalRow, evaluate
@@ -34,7 +35,7 @@ from wspo_lightning.pipeline.fit import fit
 from wspo_lightning.pipeline.pairs import pairs
 from wspo_lightning.pipeline.sample import sample
 from wspo_lightning.pipeline.score import score
-from wspo_lightning.pipeline.stage import RUNS, atomic_path, done, read_jsonl, say, write_jsonl
+from wspo_lightning.pipeline.stage import RUNS, done, say
 
 VADER = "wspo_lightning.rewards.VaderReward"
 
@@ -91,7 +92,7 @@ def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> N
     """`wspo precompute` for a fit config into `cache`, skipped when it exists (written aside, renamed when whole)."""
     import yaml
 
-    from wspo_lightning.precompute import precompute
+    from wspo_lightning.lightning_cli import precompute
 
     if done("precompute", cache, force):
         return
@@ -224,11 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     """`wspo demo [--quick] [--out DIR] [--force] [--settings.KEY VALUE ...]`."""
     from jsonargparse import ArgumentParser
 
-    from wspo_lightning.errors import InputError
-
     argv = list(sys.argv[1:] if argv is None else argv)
     preset = PRESETS["quick" if "--quick" in argv or "--quick=true" in argv else "full"]
-    parser = ArgumentParser(prog="wspo demo", description=__doc__.split("\n\n")[0] + " Report: DIR/report.md.")
+    parser = ArgumentParser(prog="wspo demo", description=__doc__.split("\n\n")[0] + " Report: DIR/report.md.",
+                            exit_on_error=False)
     parser.add_argument("--out", default="demo_out", help="report folder (also holds data, models, logs)")
     parser.add_argument("--quick", action="store_true", help="the small preset (a few minutes)")
     parser.add_argument("--force", action="store_true", help="redo every stage")
@@ -238,9 +238,5 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_class_arguments(DemoSettings, "settings", default=replace(preset))
     cfg = parser.parse_args(argv)
     settings = DemoSettings(**cfg.settings.as_dict()) if hasattr(cfg.settings, "as_dict") else cfg.settings
-    try:
-        run_demo(cfg.out, cfg.quick, cfg.force, cfg.cache_dir, cfg.strong, cfg.reward, settings)
-    except InputError as err:
-        print(f"wspo demo: error: {err}", file=sys.stderr)
-        return 2
+    run_demo(cfg.out, cfg.quick, cfg.force, cfg.cache_dir, cfg.strong, cfg.reward, settings)
     return 0

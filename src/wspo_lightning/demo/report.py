@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
+from wspo_lightning.io import read_jsonl
 from wspo_lightning.pipeline.evaluate import EvalRow, paired_difference
-from wspo_lightning.pipeline.stage import read_jsonl
 
 WEAK_MODEL_NOTE = (
     "The weak model keeps decoder layers {layers} of SmolLM2-135M-Instruct's 30 (with its embeddings, final "

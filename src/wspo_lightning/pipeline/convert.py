@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from wspo_lightning.commands import run_function
 from wspo_lightning.errors import InputError
-from wspo_lightning.pipeline.stage import atomic_path, done, run_main, say
+from wspo_lightning.io import atomic_path
+from wspo_lightning.pipeline.stage import done, say
 
 
 def convert(gguf: str, out: str, dtype: str = "float32", force: bool = False) -> Path:
@@ -47,4 +49,4 @@ def convert(gguf: str, out: str, dtype: str = "float32", force: bool = False) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(convert, argv)
+    return run_function(convert, argv, "wspo convert")

@@ -4,7 +4,8 @@ The student keeps some of the teacher's decoder layers (plus its final norm and
 lm_head), trained on the teacher's own samples to recover language modelling: a top-k
 soft-target loss against the teacher's next-token distribution plus the usual next-token
 loss, with the embeddings (and so a tied lm_head) frozen. The teacher's top-k is computed
-once before training, in bfloat16.
+once before training. Prompts and responses are rendered as in training (`Renderer`); a sample keeps
+its token ids as drawn, and a sample cut by the length limit is trained without an end-of-turn.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from wspo_lightning.commands import run_function
+from wspo_lightning.data.tokenize import tokenize_records
 from wspo_lightning.errors import InputError
+from wspo_lightning.hardware import choose_precision
+from wspo_lightning.io import atomic_path, read_jsonl
+from wspo_lightning.logprobs import IGNORE_INDEX, response_start, right_pad
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
-from wspo_lightning.pipeline.stage import atomic_path, chat_text, done, read_jsonl, run_main, say
-
-IGNORE = -100
+from wspo_lightning.pipeline.stage import done, say
+from wspo_lightning.render import Renderer
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -78,12 +83,12 @@ class DistillModule(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         labels = batch["labels"]  # [B, L]
-        first = max(int((labels != IGNORE).int().argmax(dim=1).min()), 1)
+        first = response_start(labels)
         logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               logits_to_keep=labels.shape[1] - first + 1, use_cache=False).logits
         logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T', V]; position t predicts labels[t+1]
         targets = labels[:, first:]  # [B, T']
-        mask = targets != IGNORE
+        mask = targets != IGNORE_INDEX
         nll = -logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [B, T']
         teacher_p = torch.softmax(batch["topk_logps"][:, first:].float(), dim=-1)  # [B, T', k], renormalised
         soft = -(teacher_p * logps.gather(-1, batch["topk_ids"][:, first:].long())).sum(-1)  # [B, T']
@@ -107,16 +112,15 @@ class DistillModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
-def _examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+def _examples(renderer: Renderer, records: list[dict], source: str, max_length: int) -> list[dict]:
+    """Token ids of each sample as training renders them (sampled ids kept when the renderer matches)."""
+    normalised = [{"id": str(i), "source": f"{source}:{i + 1}", "prompt": r["prompt"], "chosen": r["response"],
+                   "rejected": None, "chosen_finished": r.get("finished", True), "chosen_ids": r.get("response_ids"),
+                   "tokenizer_fingerprint": r.get("tokenizer_fingerprint")} for i, r in enumerate(records)]
     examples = []
-    for r in records:
-        prompt_ids = tokenizer(chat_text(tokenizer, r["prompt"]), add_special_tokens=False)["input_ids"]
-        response_ids = r.get("response_ids") or tokenizer(r["response"], add_special_tokens=False)["input_ids"]
-        if not response_ids or response_ids[-1] != tokenizer.eos_token_id:
-            response_ids = list(response_ids) + [tokenizer.eos_token_id]
-        ids = (prompt_ids + list(response_ids))[:max_length]
-        labels = ([IGNORE] * len(prompt_ids) + list(response_ids))[:max_length]
-        examples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
+    for f in tokenize_records(normalised, renderer, max_length):
+        input_ids, attention_mask, labels = right_pad([f["prompt_ids"]], [f["chosen_ids"]], 0)
+        examples.append({"input_ids": input_ids[0], "labels": labels[0]})
     return examples
 
 
@@ -124,7 +128,7 @@ def _collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
     """Right padding; teacher targets are [L, k] per example, padded with zeros."""
     length = max(len(e["input_ids"]) for e in examples)
     batch = {"input_ids": torch.full((len(examples), length), pad_id),
-             "labels": torch.full((len(examples), length), IGNORE),
+             "labels": torch.full((len(examples), length), IGNORE_INDEX),
              "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
     k = examples[0]["topk_ids"].shape[-1]
     batch["topk_ids"] = torch.zeros(len(examples), length, k, dtype=torch.int32)
@@ -158,7 +162,8 @@ def teacher_topk(teacher: nn.Module, examples: list[dict], top_k: int, pad_id: i
 
 def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] = 4, top_k: int = 32, epochs: int = 3,
             batch_size: int = 8, learning_rate: float = 3e-4, soft_weight: float = 0.5, max_length: int = 256,
-            precision: str = "bf16-mixed", seed: int = 0, log_dir: str | None = None, force: bool = False) -> Path:
+            precision: str = "auto", use_chat_template: bool = True, prompt_template: str = "{prompt}",
+            seed: int = 0, log_dir: str | None = None, force: bool = False) -> Path:
     """Build a student from some of `teacher`'s layers, distil it on `samples`, save it to `out`.
 
     Args:
@@ -172,7 +177,10 @@ def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] 
         learning_rate: peak AdamW learning rate.
         soft_weight: weight of the soft-target loss (the next-token loss gets the rest).
         max_length: truncate prompt + response to this many tokens.
-        precision: Lightning precision ("bf16-mixed" is fastest on CPU).
+        precision: Lightning precision of the student's training; "auto": bf16-mixed where the device runs
+            bfloat16 natively, else 32-true (`hardware.choose_precision`). The teacher runs in the matching dtype.
+        use_chat_template: render prompts with the tokenizer's chat template when it has one.
+        prompt_template: plain template with a `{prompt}` field, used without a chat template.
         seed: seed for data order.
         log_dir: write a CSV log of the losses to `log_dir/logs/metrics.csv` (None: no log).
         force: redo even if `out` exists.
@@ -183,14 +191,19 @@ def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] 
     records = read_jsonl(samples, required=["prompt", "response"])
     pl.seed_everything(seed, verbose=False)
     tokenizer = load_tokenizer(teacher)
-    examples = _examples(tokenizer, records, max_length)
-    frozen_teacher = load_model(replace(teacher, dtype="bfloat16"), trainable=False)
+    renderer = Renderer(tokenizer, use_chat_template, prompt_template, name=teacher.path)
+    examples = _examples(renderer, records, samples, max_length)
+    chosen = choose_precision("cpu" if not torch.cuda.is_available() else "cuda")
+    if precision == "auto":
+        precision = chosen.trainer_precision
+    teacher_dtype = "bfloat16" if precision.startswith("bf16") else "float32"
+    frozen_teacher = load_model(replace(teacher, dtype=teacher_dtype), trainable=False)
     teacher_topk(frozen_teacher, examples, top_k, tokenizer.pad_token_id)
     del frozen_teacher
     student = truncate(load_model(replace(teacher, dtype="float32"), trainable=True), layers)
     size = sum(p.numel() for p in student.parameters())
     say("distill", f"student: layers {layers} of {teacher.path}, {size / 1e6:.1f}M parameters; "
-                   f"{len(examples)} samples x {epochs} epochs")
+                   f"{len(examples)} samples x {epochs} epochs; precision {precision}")
     module = DistillModule(student, learning_rate=learning_rate, soft_weight=soft_weight)
     loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
                                          collate_fn=lambda b: _collate(b, tokenizer.pad_token_id),
@@ -212,4 +225,4 @@ def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(distill, argv)
+    return run_function(distill, argv, "wspo distill")

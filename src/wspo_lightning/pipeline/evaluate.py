@@ -17,14 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
+from wspo_lightning.commands import run_function
 from wspo_lightning.errors import InputError
+from wspo_lightning.hardware import resolve_device
+from wspo_lightning.io import atomic_path, read_jsonl, write_jsonl
+from wspo_lightning.logprobs import summed_logps
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
-from wspo_lightning.pipeline.stage import (
-    atomic_path, chat_text, done, read_jsonl, resolve_device, run_main, say, write_jsonl,
-)
+from wspo_lightning.pipeline.stage import done, say
+from wspo_lightning.render import Renderer
 
 _STOPWORDS = set("""a an the and or but of to in on at for with from by as is are was were be been it its it's this that
 these those i you he she we they me my your his her our their not no so very just than then there here what which
@@ -80,33 +82,18 @@ def _by_prompt(records: list[dict], key: str) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in groups.items()}
 
 
-@torch.no_grad()
-def reference_logps(model, tokenizer, records: list[dict], batch_size: int = 16, desc: str = "reference") -> list[float]:
-    """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its chat-templated prompt."""
-    from wspo_lightning.module import response_logps
-
-    order = sorted(range(len(records)), key=lambda i: len(records[i]["response_ids"]))
-    result = [0.0] * len(records)
-    pad = tokenizer.pad_token_id
-    for first in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
-        idx = order[first:first + batch_size]
-        seqs, labels = [], []
-        for i in idx:
-            prompt = tokenizer(chat_text(tokenizer, records[i]["prompt"]), add_special_tokens=False)["input_ids"]
-            response = list(records[i]["response_ids"])
-            seqs.append(prompt + response)
-            labels.append([-100] * len(prompt) + response)
-        length = max(map(len, seqs))
-        input_ids = torch.full((len(seqs), length), pad)
-        label_ids = torch.full((len(seqs), length), -100)
-        mask = torch.zeros(len(seqs), length, dtype=torch.long)
-        for row, (s, l) in enumerate(zip(seqs, labels)):
-            input_ids[row, :len(s)], label_ids[row, :len(l)], mask[row, :len(s)] = torch.tensor(s), torch.tensor(l), 1
-        device = model.device
-        logps, keep = response_logps(model, input_ids.to(device), mask.to(device), label_ids.to(device))
-        for row, i in enumerate(idx):
-            result[i] = float((logps[row] * keep[row]).sum())
-    return result
+def reference_logps(model, renderer: Renderer, records: list[dict], batch_size: int = 16,
+                    desc: str = "reference") -> list[float]:
+    """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its rendered prompt."""
+    pad = renderer.tokenizer.pad_token_id
+    pad = pad if pad is not None else renderer.end_of_turn
+    out: list[float] = []
+    chunk = batch_size * 8
+    for first in tqdm(range(0, len(records), chunk), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):
+        part = records[first:first + chunk]
+        prompts = renderer.prompt_ids([r["prompt"] for r in part])
+        out += summed_logps(model, prompts, [list(r["response_ids"]) for r in part], pad, batch_size)
+    return out
 
 
 def has_likelihood(records: list[dict]) -> bool:
@@ -156,7 +143,8 @@ def row_stats(name: str, records: list[dict], baseline: list[dict] | None, n_boo
 
 def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str | None = None,
              n_boot: int = 2000, batch_size: int = 16, seed: int = 0, num_examples: int = 3,
-             device: str = "auto", force: bool = False) -> Path:
+             use_chat_template: bool = True, prompt_template: str = "{prompt}", device: str = "auto",
+             force: bool = False) -> Path:
     """Write `out` (results.json): a list with one object per row.
 
     Args:
@@ -168,6 +156,8 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
         batch_size: sequences per reference forward.
         seed: bootstrap seed.
         num_examples: example completions kept per row.
+        use_chat_template: render prompts with the tokenizer's chat template when it has one (as sampled).
+        prompt_template: plain template with a `{prompt}` field, used without a chat template.
         device: "auto" (a GPU when there is one), "cpu", "cuda", ...
         force: redo even if `out` exists.
     """
@@ -178,7 +168,7 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
     data = {r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
             for r in rows}
     cache_dir = Path(out).with_name(Path(out).stem + "_logps")
-    model = tokenizer = None
+    model = renderer = None
     for i, row in enumerate(rows):
         cache = cache_dir / f"{i:02d}.jsonl"
         if not has_likelihood(data[row.name]):
@@ -187,9 +177,9 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
         if cached is None or len(cached) != len(data[row.name]):
             if model is None:
                 check_model_path(reference, "reference")
-                tokenizer = load_tokenizer(reference)
+                renderer = Renderer(load_tokenizer(reference), use_chat_template, prompt_template, name=reference.path)
                 model = load_model(reference, trainable=False, device=resolve_device(device))
-            values = reference_logps(model, tokenizer, data[row.name], batch_size, desc=f"KL {row.name}")
+            values = reference_logps(model, renderer, data[row.name], batch_size, desc=f"KL {row.name}")
             cached = [{"name": row.name, "ref_logp": v} for v in values]
             write_jsonl(cache, cached)
         for record, c in zip(data[row.name], cached):
@@ -203,4 +193,4 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(evaluate, argv)
+    return run_function(evaluate, argv, "wspo evaluate")

@@ -8,14 +8,14 @@ fully resolved config, every default filled in, as `config.yaml` in the trainer'
 from __future__ import annotations
 
 import gc
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from wspo_lightning.pipeline.stage import atomic_path, done, run_main, say
+from wspo_lightning.io import atomic_path
+from wspo_lightning.pipeline.stage import done, say
 
 EXPORT = "wspo_lightning.callbacks.HFExport"
 
@@ -31,7 +31,7 @@ def fit(config: Any, out: str, run_dir: str | None = None, force: bool = False) 
     """
     if done("fit", out, force):
         return Path(out)
-    from wspo_lightning.cli import run_cli
+    from wspo_lightning.lightning_cli import run_cli
 
     if not isinstance(config, dict):
         config = yaml.safe_load(Path(config).read_text())
@@ -66,8 +66,3 @@ def _finish_loggers(trainer: Any) -> None:
             import wandb
 
             wandb.finish()
-
-
-def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("WANDB_MODE", "offline")
-    return run_main(fit, argv)

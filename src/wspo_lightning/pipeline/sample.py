@@ -1,10 +1,11 @@
-"""Stage `sample`: completions of prompts from one model, with their log-probs under that model.
+"""Stage `sample`: completions of prompts from one model, with their log-likelihood under the sampler.
 
-Plain `transformers` generation, batched with left padding. Each output record keeps the
-response text, its token ids and `logp` = sum_t log pi_model(y_t | x, y_<t) from the raw
-logits (temperature 1), so `evaluate` can estimate KL(model || reference) from the samples.
-That estimate is unbiased only when sampling is untempered (temperature 1, top_k 0, top_p 1),
-which is the default.
+Plain `transformers` generation, batched with left padding, prompts rendered and stopped as in
+training (`Renderer`: the chat template's end-of-turn is a stop id). Each output record keeps the
+response text, its token ids as drawn (the stop token included), whether a stop id ended it
+(`finished`; False: cut by `max_new_tokens`), the renderer's fingerprint, and `logp` = sum_t log q(y_t | x,
+y_<t) under the distribution it was drawn from (temperature, top_k and top_p applied), so `evaluate` can
+estimate KL(sampler || reference) from the samples.
 """
 
 from __future__ import annotations
@@ -15,28 +16,37 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from wspo_lightning.commands import run_function
 from wspo_lightning.errors import InputError
+from wspo_lightning.hardware import resolve_device
+from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.logprobs import left_pad
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
-from wspo_lightning.pipeline.stage import chat_text, done, read_jsonl, resolve_device, run_main, say, write_jsonl
+from wspo_lightning.pipeline.stage import done, say
+from wspo_lightning.render import Renderer
 
 
 def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_new_tokens: int = 48,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
-           limit: int | None = None, device: str = "auto", force: bool = False) -> Path:
+           limit: int | None = None, use_chat_template: bool = True, prompt_template: str = "{prompt}",
+           device: str = "auto", force: bool = False) -> Path:
     """Sample `num_samples` responses per prompt and write them as JSONL.
 
     Args:
-        model: the model to sample from (use dtype bfloat16 on CPU: steadier and faster than float32).
-        prompts: JSONL with a `prompt` field per record (and an optional `id`).
-        out: output JSONL: id, prompt, sample, response, response_ids, logp, num_tokens, finished.
+        model: the model to sample from.
+        prompts: JSONL with a `prompt` field per record (text or messages; an optional `id`).
+        out: output JSONL: id, prompt, sample, response, response_ids, finished, logp, num_tokens,
+            tokenizer_fingerprint.
         num_samples: responses per prompt.
         max_new_tokens: response length cap in tokens.
-        temperature: sampling temperature (1 keeps the KL estimate of `evaluate` unbiased).
+        temperature: sampling temperature.
         top_k: keep the k most likely tokens (0: all).
         top_p: nucleus sampling mass (1: all).
         batch_size: sequences generated together.
         seed: base seed; batch i uses seed + i, so a rerun gives the same samples.
         limit: use only the first `limit` prompts.
+        use_chat_template: render prompts with the tokenizer's chat template when it has one.
+        prompt_template: plain template with a `{prompt}` field, used without a chat template.
         device: "auto" (a GPU when there is one), "cpu", "cuda", "cuda:1", ...
         force: redo even if `out` exists.
     """
@@ -47,8 +57,7 @@ def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_n
     records = read_jsonl(prompts, required=["prompt"])[:limit]
     check_model_path(model, "model")
     say("sample", f"{len(records)} prompts x {num_samples} from {model.path} -> {out}")
-    tokenizer = load_tokenizer(model)
-    tokenizer.padding_side = "left"
+    renderer = Renderer(load_tokenizer(model), use_chat_template, prompt_template, name=model.path)
     lm = load_model(model, trainable=False, device=resolve_device(device))
     jobs = [(i, r, k) for i, r in enumerate(records) for k in range(num_samples)]
     rows, start, new_tokens = [], time.perf_counter(), 0
@@ -56,8 +65,8 @@ def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_n
     for b, first in enumerate(range(0, len(jobs), batch_size)):
         batch = jobs[first:first + batch_size]
         torch.manual_seed(seed + b)
-        generated = _generate(lm, tokenizer, [r["prompt"] for _, r, _ in batch], max_new_tokens, temperature,
-                              top_k, top_p)
+        generated = generate(lm, renderer, [r["prompt"] for _, r, _ in batch], max_new_tokens, temperature,
+                             top_k, top_p)
         for (i, record, k), g in zip(batch, generated):
             rows.append({"id": str(record.get("id", i)), "prompt": record["prompt"], "sample": k, **g})
             new_tokens += g["num_tokens"]
@@ -65,38 +74,37 @@ def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_n
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
     bar.close()
     write_jsonl(out, rows)
-    say("sample", f"wrote {len(rows)} samples ({new_tokens} tokens, "
-                  f"{new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}")
+    finished = sum(r["finished"] for r in rows)
+    say("sample", f"wrote {len(rows)} samples ({finished} ended by a stop token, {len(rows) - finished} cut at "
+                  f"{max_new_tokens} tokens; {new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}")
     return Path(out)
 
 
 @torch.no_grad()
-def _generate(lm, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_k: int,
-              top_p: float) -> list[dict]:
-    texts = [chat_text(tokenizer, p) for p in prompts]
-    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
-    out = lm.generate(**enc, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                      max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                      eos_token_id=tokenizer.eos_token_id, output_logits=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, enc["input_ids"].shape[1]:]  # [batch, new]
-    logits = torch.stack(out.logits, dim=1).float()  # [batch, new, vocab], raw: temperature 1
-    token_logps = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [batch, new]
-    is_eos = tokens == tokenizer.eos_token_id
-    # a response runs up to and including its first EOS; generate pads after it
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.int()) > 0
-    keep = ~after_eos  # [batch, new]
+def generate(lm, renderer: Renderer, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0) -> list[dict]:
+    """One sampled response per prompt: `{response, response_ids, logp, num_tokens, finished,
+    tokenizer_fingerprint}` (see the module docstring)."""
+    tokenizer = renderer.tokenizer
+    stop = renderer.stop_ids(lm)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    input_ids, attention_mask = left_pad(renderer.prompt_ids(prompts), pad, lm.device)
+    out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
+                      top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stop,
+                      output_scores=True, return_dict_in_generate=True)
+    tokens = out.sequences[:, input_ids.shape[1]:]  # [batch, new]
+    scores = torch.stack(out.scores, dim=1).float()  # [batch, new, vocab]: what the draw was made from
+    token_logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [batch, new]
+    is_stop = torch.isin(tokens, torch.tensor(stop, device=tokens.device))
+    keep = (is_stop.int().cumsum(dim=1) - is_stop.int()) == 0  # up to and including the first stop id
     results = []
     for row in range(tokens.shape[0]):
         ids = tokens[row][keep[row]].tolist()
-        results.append({
-            "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
-            "response_ids": ids,
-            "logp": float(token_logps[row][keep[row]].sum()),
-            "num_tokens": len(ids),
-            "finished": bool(is_eos[row].any()),
-        })
+        results.append({"response": renderer.decode(ids), "response_ids": ids,
+                        "logp": float(token_logps[row][keep[row]].sum()), "num_tokens": len(ids),
+                        "finished": bool(is_stop[row].any()), "tokenizer_fingerprint": renderer.fingerprint})
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(sample, argv)
+    return run_function(sample, argv, "wspo sample")

@@ -8,9 +8,12 @@ given by its import path.
 from __future__ import annotations
 
 from pathlib import Path
+
 from tqdm.auto import tqdm
 
-from wspo_lightning.pipeline.stage import done, read_jsonl, run_main, say, write_jsonl
+from wspo_lightning.commands import run_function
+from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.rewards import load_reward
 
 
@@ -46,4 +49,4 @@ def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderRew
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main(score, argv)
+    return run_function(score, argv, "wspo score")

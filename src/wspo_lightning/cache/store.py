@@ -1,4 +1,4 @@
-"""`wspo precompute`: one pass of the frozen roles over the data, cached on disk, so `fit` loads only the policy.
+"""The frozen-values store of `wspo precompute`: a folder of safetensors shards and a manifest.
 
 Cache layout (a folder, `model.cache_dir`):
 
@@ -11,133 +11,36 @@ A shard holds, for the records its rank saw: `index` [n] (the record's position 
 side (`chosen`, `rejected`) `{side}.length` [n] (its response tokens; -1: computed on another rank, or
 no such response) and the float32 values of the response tokens, in order, concatenated over the
 records: `{side}.delta_weak` (l_weak_aligned - l_weak_base; WSPO) and `{side}.reference` (l_reference;
-unless `--no-reference`). Values are stored per record and response token, independent of batch
-composition, padding and world size; `LogpsCache.lookup` re-pads them into any batch's [B, T'] layout.
+unless the reference is not cached). Values are stored per record and response token, independent of
+batch composition, padding and world size; `LogpsCache.lookup` re-pads them into any batch's [B, T'] layout.
 The training split holds the rejected side only when training uses it (`train_on_rejected`, DPO).
 
-The manifest pins what the values depend on: each frozen model's loading options and weight-file
-hashes (sha256; a file whose size and mtime are unchanged is not re-read), and a fingerprint of every
-split's record ids and token ids (so of the data, tokenizer, templates and max_length). `fit` refuses
-a cache that no longer matches, naming what changed and the command that rebuilds it.
+The manifest pins what the values depend on (`cache.fingerprint.describe`). `fit` refuses a cache that
+no longer matches, naming what changed and the command that rebuilds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import sys
-import time
-from functools import partial
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from wspo_lightning.cache.fingerprint import describe
 from wspo_lightning.errors import InputError
-from wspo_lightning.models import ModelSpec
 
 log = logging.getLogger(__name__)
 
-FORMAT, VERSION = "wspo-logps-cache", 1
+FORMAT, VERSION = "wspo-logps-cache", 2
+"""Version 2: the manifest pins the renderer and the tokenizer files (version 1 caches are refused)."""
 MANIFEST = "manifest.json"
-# spec fields that change a frozen model's log-probs (not LoRA or gradient checkpointing: policy-only)
-_SPEC_FIELDS = ("path", "dtype", "quantization", "attn_implementation", "revision", "gguf_file", "trust_remote_code")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
-_WEIGHT_NAMES = ("config.json", "adapter_config.json")
+REBUILD = "wspo precompute --config <your fit config>"
 
-
-# ----------------------------------------------------------------------------- fingerprints
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _model_dir(spec: ModelSpec) -> Path | None:
-    """The local folder holding the model's files (a hub id resolves to its local snapshot, if any)."""
-    if Path(spec.path).is_dir():
-        return Path(spec.path)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(spec.path, revision=spec.revision, local_files_only=True))
-    except Exception:  # not downloaded, or not a hub id: nothing to hash
-        return None
-
-
-def model_fingerprint(spec: ModelSpec, known: dict | None = None) -> dict:
-    """The spec fields that matter for a frozen model's outputs, and size/mtime/sha256 of its weight files.
-
-    `known`: a fingerprint recorded earlier; a file whose size and mtime it matches keeps its recorded
-    hash (the quick check of make and rsync), so verifying an unchanged multi-GB model costs a stat.
-    """
-    spec_fields = {name: getattr(spec, name) for name in _SPEC_FIELDS}
-    folder = _model_dir(spec)
-    if folder is None:
-        return {"spec": spec_fields, "files": None}
-    known_files = (known or {}).get("files") or {}
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if not path.is_file() or not (path.name in _WEIGHT_NAMES or path.name.endswith(_WEIGHT_SUFFIXES)):
-            continue
-        if spec.gguf_file and path.suffix == ".gguf" and path.name != spec.gguf_file:
-            continue
-        stat = path.stat()
-        old = known_files.get(path.name)
-        same = old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
-        files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "sha256": old["sha256"] if same else sha256_file(path)}
-    return {"spec": spec_fields, "files": files}
-
-
-def split_fingerprint(features: Sequence[dict]) -> str:
-    """sha256 over every record's id and token ids, in order: changes with the data, tokenizer,
-    templates and max_length."""
-    digest = hashlib.sha256()
-    for f in features:
-        digest.update(json.dumps([f["id"], f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]).encode())
-    return digest.hexdigest()
-
-
-def data_features(datamodule: Any) -> dict[str, list[dict]]:
-    """Tokenized records per split ('train', 'val') of a set-up PreferenceDataModule."""
-    features = getattr(datamodule, "features", None)
-    if not features:
-        raise InputError("a logps cache needs the PreferenceDataModule (trainer.datamodule), set up")
-    return {split: list(features.get(split) or []) for split in ("train", "val")}
-
-
-def describe(module: Any, datamodule: Any, values: Sequence[str], known: dict | None = None) -> dict:
-    """What cached `values` depend on: model fingerprints per role, data settings and split fingerprints.
-
-    `known`: the manifest's model fingerprints, whose hashes unchanged files (same size and mtime) keep."""
-    features = data_features(datamodule)
-    roles = module.cache_roles(values)  # role -> spec
-    known = known or {}
-    splits = {}
-    for split, feats in features.items():
-        if not feats:
-            continue
-        sides = ["chosen"] + (["rejected"] if (split != "train" or module.trains_on_pairs) else [])
-        splits[split] = {"records": len(feats), "fingerprint": split_fingerprint(feats), "sides": sides}
-    return {
-        "values": sorted(values),
-        "models": {role: model_fingerprint(spec, known.get(role)) for role, spec in roles.items()},
-        "data": {"tokenizer": getattr(datamodule, "tokenizer_path", None),
-                 "max_length": getattr(datamodule, "max_length", None),
-                 "use_chat_template": getattr(datamodule, "use_chat_template", None),
-                 "prompt_template": getattr(datamodule, "prompt_template", None)},
-        "splits": splits,
-    }
-
-
-# ----------------------------------------------------------------------------- reading
 
 class LogpsCache:
     """A verified cache, loaded into CPU memory: `lookup` gives the cached values of a batch."""
@@ -149,7 +52,7 @@ class LogpsCache:
 
     # -- opening and verification
     @classmethod
-    def open(cls, folder: str | Path, module: Any, datamodule: Any) -> "LogpsCache":
+    def open(cls, folder: str | Path, module: Any, datamodule: Any) -> LogpsCache:
         """Read the manifest, refuse it when anything it depends on changed, then load the shards."""
         folder = Path(folder)
         manifest = read_manifest(folder)
@@ -161,7 +64,7 @@ class LogpsCache:
 
     def verify(self, module: Any, datamodule: Any) -> None:
         m = self.manifest
-        rebuild = f"Rebuild it: {m.get('command') or 'wspo precompute --config <your fit config>'}"
+        rebuild = f"Rebuild it: {m.get('command') or REBUILD}"
         where = f"logps cache {self.folder}"
         missing = [v for v in module.required_cache_values() if v not in m["values"]]
         if missing:
@@ -205,7 +108,7 @@ class LogpsCache:
             path = self.folder / name
             if not path.exists():
                 raise InputError(f"logps cache {self.folder}: shard {name} is missing. Rebuild the cache: "
-                                 f"{self.manifest.get('command') or 'wspo precompute'}")
+                                 f"{self.manifest.get('command') or REBUILD}")
             shard = load_file(str(path))
             for side in info["sides"]:
                 length = shard[f"{side}.length"]  # [records in the shard]
@@ -220,7 +123,7 @@ class LogpsCache:
         missing = int((lengths["chosen"] < 0).sum())
         if missing:
             raise InputError(f"logps cache {self.folder}: {missing} {split} records have no cached values. "
-                             f"Rebuild the cache: {self.manifest.get('command') or 'wspo precompute'}")
+                             f"Rebuild the cache: {self.manifest.get('command') or REBUILD}")
         merged = {side: {v: torch.cat(parts) for v, parts in d.items()} for side, d in values.items()}
         self._splits[split] = {"lengths": lengths, "offsets": offsets, "values": merged}
 
@@ -262,14 +165,15 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.exists():
         raise InputError(f"model.cache_dir={folder}: no logps cache there ({MANIFEST} missing). "
-                         "Build it with: wspo precompute --config <your fit config>")
+                         f"Build it with: {REBUILD}")
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not a readable manifest ({err}). Rebuild the cache with wspo precompute.") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise InputError(f"{path}: format {manifest.get('format')!r} v{manifest.get('version')}, expected "
-                         f"{FORMAT!r} v{VERSION}. Rebuild the cache with wspo precompute.")
+                         f"{FORMAT!r} v{VERSION} (this version also pins the renderer and tokenizer files). "
+                         f"Rebuild it: {manifest.get('command') or REBUILD}")
     return manifest
 
 
@@ -296,30 +200,8 @@ def _compare_model(where: str, role: str, then: dict, now: dict, rebuild: str) -
                              f"sha256 {a['sha256'][:12]}... then, {b['sha256'][:12]}... now). {rebuild}")
 
 
-# ----------------------------------------------------------------------------- writing
-
 def shard_name(split: str, rank: int, world_size: int) -> str:
     return f"{split}-{rank:05d}-of-{world_size:05d}.safetensors"
-
-
-def side_items(features: Sequence[dict], sides: Sequence[str]) -> list[dict]:
-    """One item per (record, side) with that side's response as `chosen_ids`, longest first (least padding)."""
-    items = []
-    for f in features:
-        for side in sides:
-            response = f[f"{side}_ids"]
-            if response is not None:
-                items.append({"index": f["index"], "id": f["id"], "prompt_ids": f["prompt_ids"],
-                              "chosen_ids": response, "rejected_ids": None, "side": side})
-    return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + len(it["chosen_ids"])))
-
-
-def _collate_items(items: list[dict], pad_token_id: int) -> dict:
-    from wspo_lightning.data import collate
-
-    batch = collate(items, pad_token_id)
-    batch["sides"] = [it["side"] for it in items]
-    return batch
 
 
 class CacheWriter(pl.Callback):
@@ -371,81 +253,10 @@ class CacheWriter(pl.Callback):
         trainer.strategy.barrier("wspo-precompute-manifest")
 
 
-def _clear(folder: Path) -> None:
+def clear_cache(folder: Path) -> None:
     """Remove a previous cache's files (the manifest first, so a half-removed cache never looks valid)."""
     (folder / MANIFEST).unlink(missing_ok=True)
     for path in folder.glob("*-of-*.safetensors"):
         path.unlink(missing_ok=True)
 
 
-def precompute(args: Sequence[str], reference: bool = True, batch_size: int | None = None,
-               command: str | None = None) -> Path:
-    """Build the cache for a fit config (`args`: LightningCLI arguments without a subcommand).
-
-    `command`: how to rebuild it, recorded in the manifest for the message that refuses a stale cache."""
-    from lightning.pytorch.cli import SaveConfigCallback
-    from lightning.pytorch.utilities.rank_zero import rank_zero_only
-    from torch.utils.data import DataLoader
-
-    from wspo_lightning.cli import run_cli
-
-    # Frozen forwards need no sharding: plain data parallel ("auto": DDP on several devices).
-    cli = run_cli(list(args) + ["--trainer.strategy=auto", "--trainer.logger=false"], run=False)
-    module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
-    if not getattr(module, "cache_dir", None):
-        raise InputError("wspo precompute writes to model.cache_dir: set it in the config "
-                         "or pass --model.init_args.cache_dir DIR")
-    folder = Path(module.cache_dir)
-    values = module.cacheable_values(reference=reference)
-    module.precomputing = values
-    datamodule.setup("predict")
-    manifest = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "objective": type(module).__name__, "dtype": "float32", "precision": str(trainer.precision),
-                "command": command or "wspo precompute " + " ".join(args), **describe(module, datamodule, values)}
-    features = data_features(datamodule)
-    splits = list(manifest["splits"])
-    pad = datamodule.tokenizer.pad_token_id
-    loaders = [DataLoader(side_items(features[s], manifest["splits"][s]["sides"]), shuffle=False,
-                          batch_size=batch_size or datamodule.eval_batch_size,
-                          collate_fn=partial(_collate_items, pad_token_id=pad)) for s in splits]
-    folder.mkdir(parents=True, exist_ok=True)
-    _clear(folder)
-    # the resolved config goes into the cache folder, not to the trainer's log dir (the cwd without a logger)
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, SaveConfigCallback)]
-    if rank_zero_only.rank == 0:  # processes are not started yet: the rank comes from the launcher's environment
-        (folder / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
-    writer = CacheWriter(folder, splits, manifest)
-    trainer.callbacks.append(writer)
-    start = time.perf_counter()
-    trainer.predict(module, dataloaders=loaders, return_predictions=False)
-    if trainer.is_global_zero:
-        counts = ", ".join(f"{s}: {len(features[s])} records" for s in splits)
-        log.info("wrote the logps cache %s (%s; %s) in %.1f s", folder, ", ".join(values), counts,
-                 time.perf_counter() - start)
-    return folder
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`wspo precompute --config X.yaml [--no-reference] [--batch_size N] [fit overrides]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="wspo precompute", allow_abbrev=False,
-        description="One pass of the frozen models (weak pair, and the reference unless --no-reference) over the "
-                    "training and validation data of a fit config; writes a cache to model.cache_dir, so that "
-                    "`wspo fit` with the same config loads only the policy. Other arguments are the fit config's "
-                    "(--config, --trainer.devices, --model.init_args.cache_dir ...).")
-    parser.add_argument("--no-reference", dest="reference", action="store_false",
-                        help="do not cache the reference's log-probs (fit then computes them live)")
-    parser.add_argument("--batch_size", type=int, default=None,
-                        help="sequences per forward (default: data.eval_batch_size)")
-    argv = list(sys.argv[1:] if argv is None else argv)
-    own, rest = parser.parse_known_args(argv)
-    if not rest:
-        parser.error("give the fit config: --config X.yaml")
-    precompute(rest, reference=own.reference, batch_size=own.batch_size,
-               command=" ".join(["wspo", "precompute", *argv]))
-    return 0
-
-
-__all__ = ["LogpsCache", "describe", "main", "model_fingerprint", "precompute", "split_fingerprint"]

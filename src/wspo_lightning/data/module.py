@@ -1,0 +1,163 @@
+"""`PreferenceDataModule`: records -> rendered, tokenized, truncated features -> batches whose training
+order resumes exactly mid-epoch."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch.utils.data import DataLoader, Sampler
+
+from wspo_lightning.data.loading import LoaderPosition, ResumableDataLoader, SeededSampler
+from wspo_lightning.data.records import held_out, load_records, split_records
+from wspo_lightning.data.tokenize import collate, tokenize_records
+from wspo_lightning.errors import InputError, located
+from wspo_lightning.models import load_tokenizer
+from wspo_lightning.render import Renderer
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
+_warn = rank_zero_only(log.warning)
+
+
+class PreferenceDataModule(pl.LightningDataModule):
+    """Preference or prompt/response data for WSPO, DPO and SFT, as padded token batches.
+
+    Everything happens in `setup()`: read and validate records (errors name file, line, field),
+    load the tokenizer, render and tokenize (`wspo_lightning.render.Renderer`: the chat template's own
+    tokens, end-of-turn included), truncate. Batches are dicts (see `collate`).
+    After setup: `tokenizer`, `renderer`, `train_records` / `val_records` / `test_records` (records of
+    `load_records`), `features` (split -> tokenized records: `id`, `prompt_ids`, `chosen_ids`,
+    `rejected_ids`: exactly what is trained on), `truncation_stats` and `prompts()`.
+    The training loader's position is part of the checkpoint (`state_dict`), so `--ckpt_path`
+    resumes mid-epoch with the very next batch.
+
+    Args:
+        train_path: training data: .jsonl, .json, .parquet or a save_to_disk directory ('train' split).
+        tokenizer: tokenizer directory or hub id, loaded with AutoTokenizer.
+        val_path: validation data, same formats ('validation', else 'test' split); None: use val_fraction.
+        val_fraction: share of training records held out for validation without val_path; 0: none.
+        test_path: data for `wspo test`, same formats ('test' split); None: test on the validation data.
+        max_length: most tokens of prompt plus response; longer records lose prompt tokens from the
+            left first, then response tokens from the right.
+        batch_size: training records per batch (per device).
+        eval_batch_size: validation and test records per batch; None uses `batch_size`.
+        num_workers: DataLoader worker processes.
+        use_chat_template: render with the tokenizer's chat template when it has one.
+        prompt_template: plain template with a `{prompt}` field, used without a chat template.
+        seed: seed of the train/val split and of the training order (reproducible on resume).
+        trust_remote_code: let the tokenizer run code from its repository.
+        group_by_length: batch records of similar length (sorted within groups of 50 batches).
+    """
+
+    def __init__(self, train_path: str, tokenizer: str, val_path: str | None = None, val_fraction: float = 0.1,
+                 test_path: str | None = None, max_length: int = 512, batch_size: int = 8,
+                 eval_batch_size: int | None = None, num_workers: int = 0, use_chat_template: bool = True,
+                 prompt_template: str = "{prompt}", seed: int = 0, trust_remote_code: bool = False,
+                 group_by_length: bool = False) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise InputError(f"data.val_fraction={val_fraction}: expected a number in [0, 1).")
+        for name, value in (("max_length", max_length), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size or 1)):
+            if value < 1:
+                raise InputError(f"data.{name}={value}: expected a positive integer.")
+        if "{prompt}" not in prompt_template:
+            raise InputError(f"data.prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the "
+                             "prompt text.")
+        self.train_path, self.tokenizer_path, self.val_path, self.test_path = train_path, tokenizer, val_path, test_path
+        self.val_fraction, self.max_length, self.seed = val_fraction, max_length, seed
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
+        self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
+        self.trust_remote_code, self.group_by_length = trust_remote_code, group_by_length
+        self.tokenizer: Any = None
+        self.renderer: Renderer | None = None
+        self.train_records: list[dict] | None = None
+        self.val_records: list[dict] | None = None
+        self.test_records: list[dict] | None = None
+        self.truncation_stats: dict = {}
+        self.features: dict[str, list[dict]] = {}
+        self.train_position = LoaderPosition()  # shared with every training loader (see LoaderPosition)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_records is not None:  # once per process, whatever the stage
+            return
+        train = load_records(self.train_path, split="train")
+        if self.val_path:
+            val = held_out(load_records(self.val_path, split=["validation", "test"]), train, "validation")
+        else:
+            train, val = split_records(train, self.val_fraction, self.seed)
+            if not val:
+                _info("no validation data (val_path unset, val_fraction=0): validation is skipped")
+        test = held_out(load_records(self.test_path, split="test"), train, "test") if self.test_path else []
+        if len(train) < self.batch_size:
+            raise located(self.train_path, None, None, f"the train split holds {len(train)} records, fewer than "
+                          f"one batch (batch_size={self.batch_size}). Add records or lower batch_size"
+                          + ("." if self.val_path else " or val_fraction."))
+        tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
+        renderer = Renderer(tokenizer, self.use_chat_template, self.prompt_template, name=self.tokenizer_path)
+        if not renderer.chat and self.use_chat_template:
+            _warn("the tokenizer has no chat template (%s): prompts use the plain template %r instead "
+                  "(set data.prompt_template; use_chat_template: false silences this)",
+                  self.tokenizer_path, self.prompt_template)
+        elif not renderer.chat:
+            _info("prompts use the plain template %r (use_chat_template is off)", self.prompt_template)
+        splits = {"train": train, "val": val, "test": test}
+        self.features = {split: tokenize_records(records, renderer, self.max_length)
+                         for split, records in splits.items()}
+        stats = {split: sum(f["truncated"] for f in feats) for split, feats in self.features.items()}
+        stats.update(truncated=sum(stats.values()), total=sum(map(len, splits.values())), max_length=self.max_length)
+        if stats["truncated"]:
+            _warn("truncated %d of %d records to max_length=%d", stats["truncated"], stats["total"], self.max_length)
+        self.truncation_stats = stats
+        self.tokenizer, self.renderer = tokenizer, renderer
+        self.train_records, self.val_records, self.test_records = train, val, test
+
+    def train_dataloader(self) -> DataLoader:
+        features = self.features["train"]
+        lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"] or ())) for f in features]
+        ranks = {}  # data-parallel ranks, from the strategy as Lightning's own samplers get them
+        if self.trainer is not None and self.trainer.world_size > 1:
+            ranks = {k: v for k, v in self.trainer.strategy.distributed_sampler_kwargs.items()
+                     if k in ("num_replicas", "rank")}
+        sampler = SeededSampler(lengths, self.seed, 50 * self.batch_size if self.group_by_length else None, **ranks)
+        return self._loader(features, self.batch_size, sampler, position=self.train_position)
+
+    def val_dataloader(self) -> DataLoader | list:
+        features = self.features["val"]
+        # Lightning reads [] as "no validation" (and warns that its length is zero)
+        return self._loader(features, self.eval_batch_size, None) if features else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The test data (`test_path`); without one, the validation data."""
+        features = self.features["test"] if self.test_path else self.features["val"]
+        return self._loader(features, self.eval_batch_size, None) if features else []
+
+    def _loader(self, features: list[dict], batch_size: int, sampler: Sampler | None,
+                position: LoaderPosition | None = None) -> DataLoader:
+        kwargs = dict(batch_size=batch_size, sampler=sampler, shuffle=False,
+                      collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available())
+        if position is None:
+            return DataLoader(features, **kwargs)
+        return ResumableDataLoader(features, position=position, **kwargs)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_position": self.train_position.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_position" in state_dict:
+            self.train_position.load_state_dict(state_dict["train_position"])
+
+    def prompts(self, split: str = "val", n: int | None = None) -> list:
+        """The raw prompts (text or messages) of `split` ('train', 'val' or 'test'), the first `n` (all with
+        None); `renderer.prompt_ids` turns them into what the model sees."""
+        records = {"train": self.train_records, "val": self.val_records, "test": self.test_records}[split]
+        if records is None:
+            raise RuntimeError("PreferenceDataModule.prompts() needs setup() first")
+        return [r["prompt"] for r in records[:n]]

@@ -1,0 +1,96 @@
+"""Records -> token ids (through the one `Renderer`) -> truncated features -> padded batches."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from wspo_lightning.errors import located
+from wspo_lightning.logprobs import right_pad
+from wspo_lightning.render import Renderer
+
+log = logging.getLogger(__name__)
+
+
+def tokenize_records(records: Sequence[dict], renderer: Renderer, max_length: int,
+                     chunk_size: int = 1024) -> list[dict]:
+    """Records of `load_records` -> features `{index, id, prompt_ids, chosen_ids, rejected_ids | None, truncated}`.
+
+    Prompt and responses are rendered by `renderer` (a finished response ends with the end-of-turn, a cut one
+    without it). Response ids a pipeline kept from sampling are used as drawn when the record's
+    `tokenizer_fingerprint` equals the renderer's, else the text is rendered again. Over `max_length`, the
+    prompt is cut from the left first (one token at least kept), by the longer response's need so chosen and
+    rejected share it, then responses from the right (a response cut so loses its end-of-turn).
+    """
+    features, reused, stale = [], 0, 0
+    for start in range(0, len(records), chunk_size):
+        chunk = records[start:start + chunk_size]
+        prompts = renderer.prompt_ids([r["prompt"] for r in chunk])
+        responses: dict[str, list[list[int] | None]] = {}
+        for side in ("chosen", "rejected"):
+            ids: list[list[int] | None] = [None] * len(chunk)
+            todo = []
+            for i, record in enumerate(chunk):
+                if record[side] is None:
+                    continue
+                kept = record.get(f"{side}_ids")
+                if kept is not None and record.get("tokenizer_fingerprint") == renderer.fingerprint:
+                    ids[i], reused = list(kept), reused + 1
+                else:
+                    stale += kept is not None
+                    todo.append(i)
+            rendered = renderer.response_ids([chunk[i]["prompt"] for i in todo], [chunk[i][side] for i in todo],
+                                             [chunk[i].get(f"{side}_finished", True) for i in todo],
+                                             prompt_ids=[prompts[i] for i in todo])
+            for i, row in zip(todo, rendered):
+                ids[i] = row
+            responses[side] = ids
+        for i, record in enumerate(chunk):
+            feature = _truncate(record, prompts[i], responses["chosen"][i], responses["rejected"][i], max_length)
+            features.append({"index": start + i, "id": record["id"], **feature})
+    if reused or stale:
+        log.info("responses: %d as sampled (token ids kept), %d rendered again from text (sampled by another "
+                 "tokenizer or template)", reused, stale)
+    return features
+
+
+def tokenize_record(record: dict, renderer: Renderer, max_length: int) -> dict:
+    """One record -> its feature (see `tokenize_records`), with `index` 0."""
+    return tokenize_records([record], renderer, max_length)[0]
+
+
+def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list[int] | None,
+              max_length: int) -> dict:
+    longest = max(len(chosen), len(rejected or ()))
+    truncated = len(prompt) + longest > max_length
+    if truncated:
+        prompt = prompt[-max(1, max_length - longest):]
+        room = max_length - len(prompt)
+        if room < 1:
+            raise located(record["source"], None, "chosen", f"the response is empty after truncation to "
+                          f"max_length={max_length}. Raise max_length.")
+        chosen, rejected = chosen[:room], None if rejected is None else rejected[:room]
+    if not chosen:
+        raise located(record["source"], None, "chosen", "the response has no tokens (an empty response that was "
+                      "cut before its end-of-turn). Remove the record.")
+    return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
+
+
+def collate(features: Sequence[dict], pad_token_id: int) -> dict:
+    """Right-padded batch: `{side}_input_ids`, `{side}_attention_mask`, `{side}_labels` [batch, tokens]
+    for side chosen (and rejected when every feature has one, padded to the same length), `index`
+    [batch] and `ids` (list of str). Labels are the input ids with IGNORE_INDEX on prompt and padding."""
+    sides = ["chosen", "rejected"] if all(f["rejected_ids"] is not None for f in features) else ["chosen"]
+    length = max(len(f["prompt_ids"]) + len(f[f"{side}_ids"]) for f in features for side in sides)
+    batch: dict[str, Any] = {}
+    for side in sides:
+        input_ids, attention_mask, labels = right_pad([f["prompt_ids"] for f in features],
+                                                      [f[f"{side}_ids"] for f in features], pad_token_id, length)
+        batch.update({f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
+                      f"{side}_labels": labels})
+    batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    batch["ids"] = [f["id"] for f in features]
+    return batch

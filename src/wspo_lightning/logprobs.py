@@ -1,0 +1,120 @@
+"""Token log-probabilities of responses: padding, response masks and one forward per model.
+
+A batch row is prompt ids then response ids; `labels` holds the response ids at response positions
+and `IGNORE_INDEX` on prompt and padding, so a mask of the response is `labels != IGNORE_INDEX`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+"""Label of prompt and padding positions: no loss, no log-prob there."""
+
+
+def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
+              length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Rows `prompt + response`, right-padded to `length` (default: the longest row).
+
+    Returns `input_ids`, `attention_mask` (1 on real tokens) and `labels` (the response ids, IGNORE_INDEX
+    elsewhere), each [rows, length] long."""
+    length = length or max(len(p) + len(r) for p, r in zip(prompts, responses))
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, (prompt, response) in enumerate(zip(prompts, responses)):
+        end = len(prompt) + len(response)
+        input_ids[row, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
+        labels[row, len(prompt):end] = torch.tensor(list(response), dtype=torch.long)
+        attention_mask[row, :end] = 1
+    return input_ids, attention_mask, labels
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists for generation: (input_ids [rows, width], attention_mask [rows, width], 0 on padding)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Per-token log-probabilities of the labels, in float32.
+
+    Args:
+        logits: [batch, tokens, vocab], any float dtype; ``logits[:, t]`` predicts ``labels[:, t]``
+            (the caller has already shifted them).
+        labels: [batch, tokens] token ids; ``ignore_index`` marks positions without a label.
+        ignore_index: label value of ignored positions.
+
+    Returns:
+        float32 [batch, tokens]: ``log pi(label_t) = logit[label_t] - logsumexp(logit)``, 0.0 at ignored positions.
+
+    Rows are upcast to float32 one at a time and the label logit is gathered, so under ``torch.no_grad``
+    (the frozen models) the extra memory is one [tokens, vocab] float32 row, never a float32 copy of the
+    batch or a full log_softmax. With grad, autograd keeps each float32 row for logsumexp's backward.
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [batch, tokens, vocab] and labels [batch, tokens], "
+            f"got logits={tuple(logits.shape)}, labels={tuple(labels.shape)}"
+        )
+    keep = labels != ignore_index  # [batch, tokens]
+    safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)  # [batch, tokens, 1]
+    rows = []
+    for row_logits, row_labels in zip(logits, safe_labels):
+        row_logits = row_logits.float()  # [tokens, vocab]; no copy when already float32
+        picked = row_logits.gather(-1, row_labels).squeeze(-1)  # [tokens]
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    logps = torch.stack(rows) if rows else logits.new_zeros(labels.shape, dtype=torch.float32)
+    return torch.where(keep, logps, 0.0)
+
+
+def response_start(labels: Tensor) -> int:
+    """The batch's first response position (at least 1: the first token is never predicted)."""
+    is_response = labels != IGNORE_INDEX  # [B, L]
+    first = int(is_response.int().argmax(dim=1)[is_response.any(dim=1)].min()) if is_response.any() else 1
+    return max(first, 1)
+
+
+def response_mask(labels: Tensor) -> Tensor:
+    """The [B, T'] mask of response tokens in the layout `response_logps` returns."""
+    return labels[:, response_start(labels):] != IGNORE_INDEX
+
+
+def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+                   ) -> tuple[Tensor, Tensor]:
+    """Per-token log-probs of the response tokens: ([B, T'] float32, mask [B, T'] bool).
+
+    The lm_head runs only from the batch's first response position on (`logits_to_keep`):
+    with a large vocabulary that is most of the forward's cost. T' = L - first response position.
+    """
+    first = response_start(labels)
+    keep = input_ids.shape[1] - first + 1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
+    targets = labels[:, first:]  # [B, T']
+    return token_logps(logits[:, :-1], targets), targets != IGNORE_INDEX
+
+
+def summed_logps(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                   pad_id: int, batch_size: int = 16) -> list[float]:
+    """`sum_t log pi_model(y_t | x, y_<t)` of each (prompt ids, response ids), in batches of similar length."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
+    out = [0.0] * len(prompts)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for first in range(0, len(order), batch_size):
+            rows = order[first:first + batch_size]
+            batch = right_pad([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
+            logps, mask = response_logps(model, *(t.to(device) for t in batch))
+            for i, total in zip(rows, torch.where(mask, logps, 0.0).sum(dim=1).tolist()):
+                out[i] = total
+    return out
