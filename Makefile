@@ -1,12 +1,16 @@
-# `make test`: set up .venv and run the test suite. `make demo`: set up and run the demo.
+# `make test`: set up .venv, lint (ruff) and run the test suite. `make demo`: set up and run the demo.
 PY := .venv/bin/python
 export WANDB_MODE ?= offline
 
-.PHONY: setup test demo demo-quick
+.PHONY: setup lint test demo demo-quick
 setup:
 	scripts/setup.sh dev
 
-test: setup
+lint: setup
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+test: lint
 	$(PY) -m pytest -q
 
 demo:

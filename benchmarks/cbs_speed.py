@@ -39,8 +39,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: steadier timings on small shared machines; 0: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: steadier timings on small shared machines; 0: torch's choice)",
+    )
     return p.parse_args(argv)
 
 
@@ -76,17 +80,46 @@ def main(argv=None) -> int:
         # the baseline: W*K samples per prompt, each prompt encoded once (as CBS does)
         "sampling": lambda: sample(strong, ids, mask, num_samples=W * K, **common),
         # for reference: generate() encodes each prompt W*K times
-        "hf_generate": lambda: strong.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                                               max_new_tokens=T, min_new_tokens=T, num_return_sequences=W * K),
-        "cbs": lambda: chunk_beam_search(strong, tok, weak_aligned, weak_base, tok, prompts, beam_width=W,
-                                         num_continuations=K, chunk_length=L, **common),
-        "cbs_no_cache_reuse": lambda: chunk_beam_search(strong, tok, weak_aligned, weak_base, tok, prompts,
-                                                        beam_width=W, num_continuations=K, chunk_length=L,
-                                                        reuse_cache=False, **common),
+        "hf_generate": lambda: strong.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            top_k=0,
+            max_new_tokens=T,
+            min_new_tokens=T,
+            num_return_sequences=W * K,
+        ),
+        "cbs": lambda: chunk_beam_search(
+            strong,
+            tok,
+            weak_aligned,
+            weak_base,
+            tok,
+            prompts,
+            beam_width=W,
+            num_continuations=K,
+            chunk_length=L,
+            **common,
+        ),
+        "cbs_no_cache_reuse": lambda: chunk_beam_search(
+            strong,
+            tok,
+            weak_aligned,
+            weak_base,
+            tok,
+            prompts,
+            beam_width=W,
+            num_continuations=K,
+            chunk_length=L,
+            reuse_cache=False,
+            **common,
+        ),
     }
-    print(f"strong {args.hidden_size}x{args.layers} ({sum(p.numel() for p in strong.parameters()) / 1e6:.2f}M), "
-          f"weak pair {weak_hidden}x{args.weak_layers} ({sum(p.numel() for p in weak_base.parameters()) / 1e6:.2f}M "
-          f"each), vocab {len(tok)}, device {args.device}, threads {torch.get_num_threads()}")
+    print(
+        f"strong {args.hidden_size}x{args.layers} ({sum(p.numel() for p in strong.parameters()) / 1e6:.2f}M), "
+        f"weak pair {weak_hidden}x{args.weak_layers} ({sum(p.numel() for p in weak_base.parameters()) / 1e6:.2f}M "
+        f"each), vocab {len(tok)}, device {args.device}, threads {torch.get_num_threads()}"
+    )
     print(f"{args.prompts} prompts, W={W} K={K} L={L}, {T} new tokens; sampling draws W*K={W * K} per prompt")
     with torch.no_grad():
         for fn in methods.values():  # warm-up

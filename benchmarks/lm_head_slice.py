@@ -37,8 +37,9 @@ def main() -> None:
         weight = torch.randn(args.vocab, args.hidden, dtype=dtype)
         for name, (rows, positions, kept) in cases.items():
             hidden = torch.randn(rows, positions, args.hidden, dtype=dtype)
-            strided = seconds(lambda: F.linear(hidden[:, -kept:, :], weight), args.repeats)
-            copied = seconds(lambda: F.linear(hidden[:, -kept:, :].contiguous(), weight), args.repeats)
+            sliced = hidden[:, -kept:, :]
+            strided = seconds(lambda s=sliced, w=weight: F.linear(s, w), args.repeats)
+            copied = seconds(lambda s=sliced, w=weight: F.linear(s.contiguous(), w), args.repeats)
             print(f"{name}_{str(dtype).split('.')[-1]}_strided_over_contiguous: {strided / copied:.2f}")
 
 

@@ -70,15 +70,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ----------------------------------------------------------------------------- the world
 
+
 def write_model(out: Path, tokenizer, hidden: int, layers: int, vocab: int, seed: int) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     # intermediate size in whole blocks of 64: bitsandbytes' CPU 4-bit kernels need them
-    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 64 * 64,
-                         num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 2),
-                         num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=4096,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                         bos_token_id=tokenizer.bos_token_id)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(2.75 * hidden) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 2),
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -103,15 +111,26 @@ def build_world(work: Path, args) -> Path:
     config = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False},
-        "model": {"class_path": "wspo_lightning.module.WSPOModule", "init_args": {
-            "policy": {"path": str(work / "policy")}, "weak_base": {"path": str(work / "weak_base")},
-            "weak_aligned": {"path": str(work / "weak_aligned")}, "learning_rate": 1e-6}},
-        "data": {"train_path": str(work / "train.jsonl"), "val_fraction": 0.0, "max_length": 4 * args.length,
-                 "batch_size": args.batch},
+        "model": {
+            "class_path": "wspo_lightning.module.WSPOModule",
+            "init_args": {
+                "policy": {"path": str(work / "policy")},
+                "weak_base": {"path": str(work / "weak_base")},
+                "weak_aligned": {"path": str(work / "weak_aligned")},
+                "learning_rate": 1e-6,
+            },
+        },
+        "data": {
+            "train_path": str(work / "train.jsonl"),
+            "val_fraction": 0.0,
+            "max_length": 4 * args.length,
+            "batch_size": args.batch,
+        },
     }
     (work / "config.yaml").write_text(yaml.safe_dump(config))
-    precompute(["--config", str(work / "config.yaml"), f"--model.init_args.cache_dir={work / 'cache'}"],
-               batch_size=args.batch)
+    precompute(
+        ["--config", str(work / "config.yaml"), f"--model.init_args.cache_dir={work / 'cache'}"], batch_size=args.batch
+    )
     return work / "config.yaml"
 
 
@@ -131,9 +150,11 @@ def setup(work: Path, variant: str):
         optimizer.zero_grad(set_to_none=True)
 
     if variant == "bare":
+
         def step():
             logps, mask = response_logps(policy, *sequences(batch, "chosen"))
             finish(-(logps * mask).sum() / mask.sum())
+
         return batch, policy, step
     module = cli.model
     module.policy = policy
@@ -141,11 +162,15 @@ def setup(work: Path, variant: str):
         module.cache_dir = str(work / "cache")
         module.cache = LogpsCache.open(module.cache_dir, module, data)
     else:
-        module.frozen = {"reference": freeze(copy.deepcopy(policy)), "weak_base": load_model(module.weak_base_spec),
-                         "weak_aligned": load_model(module.weak_aligned_spec)}
+        module.frozen = {
+            "reference": freeze(copy.deepcopy(policy)),
+            "weak_base": load_model(module.weak_base_spec),
+            "weak_aligned": load_model(module.weak_aligned_spec),
+        }
 
     def step():
         finish(module._loss_and_stats(module._step_logps(batch, "train", pairs=False))[0])
+
     return batch, policy, step
 
 
@@ -156,15 +181,33 @@ def trl_setup(work: Path, batch: dict, policy, precomputed: bool):
     from trl import DPOConfig, DPOTrainer
 
     records = {json.loads(line)["id"]: json.loads(line) for line in open(work / "train.jsonl")}
-    rows = [{"prompt": [{"role": "user", "content": records[i]["prompt"]}],
-             "chosen": [{"role": "assistant", "content": records[i]["chosen"]}],
-             "rejected": [{"role": "assistant", "content": records[i]["rejected"]}]} for i in batch["ids"]]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": records[i]["prompt"]}],
+            "chosen": [{"role": "assistant", "content": records[i]["chosen"]}],
+            "rejected": [{"role": "assistant", "content": records[i]["rejected"]}],
+        }
+        for i in batch["ids"]
+    ]
     model = copy.deepcopy(policy)
-    args = DPOConfig(output_dir=str(work / "trl"), per_device_train_batch_size=len(rows), report_to=[],
-                     use_cpu=True, max_length=None, precompute_ref_log_probs=precomputed, beta=0.1,
-                     logging_strategy="no", save_strategy="no", dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                         processing_class=AutoTokenizer.from_pretrained(work / "policy"))
+    args = DPOConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=len(rows),
+        report_to=[],
+        use_cpu=True,
+        max_length=None,
+        precompute_ref_log_probs=precomputed,
+        beta=0.1,
+        logging_strategy="no",
+        save_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(work / "policy"),
+    )
     inputs = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-6)
@@ -173,10 +216,12 @@ def trl_setup(work: Path, batch: dict, policy, precomputed: bool):
         trainer.compute_loss(trainer.model, inputs).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def time_steps(work: Path, args) -> dict[str, float]:
     steps = {}
@@ -187,7 +232,7 @@ def time_steps(work: Path, args) -> dict[str, float]:
         steps["trl_dpo_precomputed"] = trl_setup(work, batch, policy, precomputed=True)
     clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     best = {name: float("inf") for name in steps}
-    for name, step in steps.items():  # warm-up
+    for step in steps.values():  # warm-up
         step()
     for _ in range(args.repeats):
         for name, step in steps.items():
@@ -216,13 +261,16 @@ def memory_child(work: Path, variant: str, steps: int) -> None:
     before = status_mib("VmRSS")
     if variant.startswith("weak"):
         quantization = "4bit" if variant == "weak_4bit" else "none"
-        models = [load_model(ModelSpec(path=str(work / role), quantization=quantization))
-                  for role in ("weak_base", "weak_aligned")]
+        models = [
+            load_model(ModelSpec(path=str(work / role), quantization=quantization))
+            for role in ("weak_base", "weak_aligned")
+        ]
 
         @torch.no_grad()
         def step():
             for model in models:
                 response_logps(model, *sequences(batch, "chosen"))
+
         # what the weights take as stored (bitsandbytes: packed uint8), whatever its kernels add at run time
         weights = sum(t.numel() * t.element_size() for m in models for t in [*m.parameters(), *m.buffers()]) / 2**20
     else:
@@ -239,13 +287,28 @@ def measure_memory(work: Path, args) -> dict[str, float]:
     variants = ["bare", "wspo_cached", "wspo_live", "weak_float32"]
     try:
         import bitsandbytes  # noqa: F401
+
         variants.append("weak_4bit")
     except ImportError:
         pass
     for variant in variants:
-        done = subprocess.run([sys.executable, __file__, "--work", str(work), "--memory-child", variant,
-                               "--memory-steps", str(args.memory_steps), "--threads", str(args.threads)],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--work",
+                str(work),
+                "--memory-child",
+                variant,
+                "--memory-steps",
+                str(args.memory_steps),
+                "--threads",
+                str(args.threads),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[variant] = json.loads(done.stdout.strip().splitlines()[-1])
     return out
 
@@ -268,18 +331,24 @@ def main(argv=None) -> int:
         params = sum(p.numel() for p in load_model(ModelSpec(path=str(work / "policy"))).parameters())
         weak_params = sum(p.numel() for p in load_model(ModelSpec(path=str(work / "weak_base"))).parameters())
 
-    print(f"\npolicy {args.hidden_size}x{args.layers} ({params / 1e6:.1f}M params), weak pair "
-          f"{args.weak_hidden_size}x{args.weak_layers} ({weak_params / 1e6:.1f}M each), vocab {args.vocab}, "
-          f"batch {args.batch} x ~{args.length} tokens, {torch.get_num_threads()} thread(s), fastest of {args.repeats}")
+    print(
+        f"\npolicy {args.hidden_size}x{args.layers} ({params / 1e6:.1f}M params), weak pair "
+        f"{args.weak_hidden_size}x{args.weak_layers} ({weak_params / 1e6:.1f}M each), vocab {args.vocab}, "
+        f"batch {args.batch} x ~{args.length} tokens, {torch.get_num_threads()} thread(s), fastest of {args.repeats}"
+    )
     for name, seconds in best.items():
         print(f"  {name:<22} {seconds * 1000:9.1f} ms/step  {seconds / args.batch * 1000:8.1f} ms/example")
     for name, mib in memory.items():
         stored = f", weights as stored {mib['weights']:7.1f} MiB" if mib["weights"] is not None else ""
-        print(f"  peak memory growth {name:<12} {mib['steps']:8.1f} MiB stepping, {mib['load']:8.1f} MiB loading"
-              + stored)
-    figures = {"policy_params_m": params / 1e6, "weak_params_m": weak_params / 1e6,
-               "step_cached_over_bare": best["wspo_cached"] / best["bare"],
-               "step_live_over_bare": best["wspo_live"] / best["bare"]}
+        print(
+            f"  peak memory growth {name:<12} {mib['steps']:8.1f} MiB stepping, {mib['load']:8.1f} MiB loading" + stored
+        )
+    figures = {
+        "policy_params_m": params / 1e6,
+        "weak_params_m": weak_params / 1e6,
+        "step_cached_over_bare": best["wspo_cached"] / best["bare"],
+        "step_live_over_bare": best["wspo_live"] / best["bare"],
+    }
     if "trl_dpo" in best:  # per example: both steps hold `batch` records (TRL: as chosen + rejected pairs)
         figures["trl_dpo_over_wspo_cached_per_example"] = best["trl_dpo"] / best["wspo_cached"]
         figures["trl_dpo_precomputed_over_wspo_cached_per_example"] = best["trl_dpo_precomputed"] / best["wspo_cached"]
@@ -289,8 +358,9 @@ def main(argv=None) -> int:
         figures["memory_live_over_bare"] = memory["wspo_live"]["steps"] / memory["bare"]["steps"]
         if "weak_4bit" in memory:
             figures["memory_weak_4bit_over_float32"] = memory["weak_4bit"]["steps"] / memory["weak_float32"]["steps"]
-            figures["memory_weak_4bit_over_float32_weights"] = (memory["weak_4bit"]["weights"]
-                                                                / memory["weak_float32"]["weights"])
+            figures["memory_weak_4bit_over_float32_weights"] = (
+                memory["weak_4bit"]["weights"] / memory["weak_float32"]["weights"]
+            )
     for name, value in figures.items():
         print(f"{name}: {value:.3f}")
     return 0

@@ -69,7 +69,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_fit_e2e import tiny_config
+from helpers import tiny_config
 
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.tiny import build_tokenizer, preference_records, write_jsonl, write_tiny_model
@@ -91,6 +91,7 @@ def _train(*lines: str) -> Callable[[Path, Path], list[str]]:
     def args(world: Path, tmp: Path) -> list[str]:
         (tmp / "train.jsonl").write_text("".join(line + "\n" for line in lines))
         return [f"--data.train_path={tmp / 'train.jsonl'}"]
+
     return args
 
 
@@ -103,8 +104,11 @@ def _flags(*flags: str) -> Callable[[Path, Path], list[str]]:
 
 
 def _dpo(*flags: str) -> Callable[[Path, Path], list[str]]:
-    return lambda world, tmp: ["--model=wspo_lightning.module.DPOModule", f"--model.policy.path={world / 'policy'}",
-                               *flags]
+    return lambda world, tmp: [
+        "--model=wspo_lightning.module.DPOModule",
+        f"--model.policy.path={world / 'policy'}",
+        *flags,
+    ]
 
 
 def _csv(world: Path, tmp: Path) -> list[str]:
@@ -151,43 +155,66 @@ def _without_bitsandbytes(world: Path, tmp: Path) -> list[str]:
 CASES = {
     # data
     "empty-file": Case(_train(), ["train.jsonl: the file is empty"]),
-    "invalid-json-line": Case(_train(json.dumps(OK), json.dumps(dict(OK, id=2)), '{"prompt": "p",'),
-                              ["train.jsonl:3: invalid JSON at column", "Fix the line"], subprocess=True),
-    "missing-prompt": Case(_records(OK, {"chosen": "c", "rejected": "r"}),
-                           ["train.jsonl:2: field 'prompt': expected a non-empty string, got nothing"]),
-    "missing-rejected": Case(_records({"prompt": "p", "chosen": "c"}),
-                             ["train.jsonl:1: field 'rejected':", "the field is missing"]),
-    "wrong-type": Case(_records(dict(OK, chosen=42)),
-                       ["train.jsonl:1: field 'chosen': expected a non-empty string, got int (42). Fix or remove"]),
-    "wrong-type-in-messages": Case(_records({"messages": [{"role": "user", "content": 3},
-                                                          {"role": "assistant", "content": "a"}]}),
-                                   ["train.jsonl:1: field 'messages[0].content':", "int (3)"]),
-    "empty-response": Case(_records({"prompt": "p", "response": "  "}),
-                           ["train.jsonl:1: field 'response':", "an empty string"]),
-    "empty-after-truncation": Case(_flags("--data.max_length=1"),
-                                   ["train.jsonl:1: field 'chosen': the response is empty after truncation to "
-                                    "max_length=1. Raise max_length."]),
-    "duplicate-id": Case(_records(dict(OK, id=7), dict(OK, id="7")),
-                         ["train.jsonl:2: field 'id': duplicate id '7' (first at", "train.jsonl:1)"]),
-    "unknown-format": Case(_records({"question": "q", "answer": "a"}),
-                           ["train.jsonl:1:", "unknown record format with fields ['answer', 'question']",
-                            "accepted:"]),
-    "smaller-than-a-batch": Case(_records(*[dict(OK, id=i) for i in range(5)]),
-                                 ["train.jsonl", "holds 5 records, fewer than one batch (batch_size=8)"]),
-    "val-id-in-train": Case(_val_id_in_train, ["val.jsonl:1: field 'id': id 'toy-0-5' is also in the training data",
-                                               "Keep validation records out"]),
-    "test-id-in-train": Case(_test_id_in_train, ["test.jsonl:2: field 'id': id 'toy-0-3' is also in the training",
-                                                 "Keep test records out"]),
+    "invalid-json-line": Case(
+        _train(json.dumps(OK), json.dumps(dict(OK, id=2)), '{"prompt": "p",'),
+        ["train.jsonl:3: invalid JSON at column", "Fix the line"],
+        subprocess=True,
+    ),
+    "missing-prompt": Case(
+        _records(OK, {"chosen": "c", "rejected": "r"}),
+        ["train.jsonl:2: field 'prompt': expected a non-empty string, got nothing"],
+    ),
+    "missing-rejected": Case(
+        _records({"prompt": "p", "chosen": "c"}), ["train.jsonl:1: field 'rejected':", "the field is missing"]
+    ),
+    "wrong-type": Case(
+        _records(dict(OK, chosen=42)),
+        ["train.jsonl:1: field 'chosen': expected a non-empty string, got int (42). Fix or remove"],
+    ),
+    "wrong-type-in-messages": Case(
+        _records({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}),
+        ["train.jsonl:1: field 'messages[0].content':", "int (3)"],
+    ),
+    "empty-response": Case(
+        _records({"prompt": "p", "response": "  "}), ["train.jsonl:1: field 'response':", "an empty string"]
+    ),
+    "empty-after-truncation": Case(
+        _flags("--data.max_length=1"),
+        ["train.jsonl:1: field 'chosen': the response is empty after truncation to max_length=1. Raise max_length."],
+    ),
+    "duplicate-id": Case(
+        _records(dict(OK, id=7), dict(OK, id="7")),
+        ["train.jsonl:2: field 'id': duplicate id '7' (first at", "train.jsonl:1)"],
+    ),
+    "unknown-format": Case(
+        _records({"question": "q", "answer": "a"}),
+        ["train.jsonl:1:", "unknown record format with fields ['answer', 'question']", "accepted:"],
+    ),
+    "smaller-than-a-batch": Case(
+        _records(*[dict(OK, id=i) for i in range(5)]),
+        ["train.jsonl", "holds 5 records, fewer than one batch (batch_size=8)"],
+    ),
+    "val-id-in-train": Case(
+        _val_id_in_train,
+        ["val.jsonl:1: field 'id': id 'toy-0-5' is also in the training data", "Keep validation records out"],
+    ),
+    "test-id-in-train": Case(
+        _test_id_in_train, ["test.jsonl:2: field 'id': id 'toy-0-3' is also in the training", "Keep test records out"]
+    ),
     "missing-file": Case(_flags("--data.train_path={tmp}/nope.jsonl"), ["nope.jsonl: file not found"]),
     "unsupported-extension": Case(_csv, ["train.csv: unsupported file type '.csv'"]),
     # config
-    "unknown-flag": Case(_flags("--data.batchsize=8"), ["config: unrecognized arguments: --data.batchsize=8",
-                                                        "wspo fit --help"]),
+    "unknown-flag": Case(
+        _flags("--data.batchsize=8"), ["config: unrecognized arguments: --data.batchsize=8", "wspo fit --help"]
+    ),
     "unknown-key-in-yaml": Case(_yaml_unknown_key, ["config:", "'data.batchsize'"], subprocess=True),
-    "wrong-type-flag": Case(_flags("--model.init_args.gamma=abc"),
-                            ["config: model.gamma: Expected a <class 'float'>. Got value: abc"]),
-    "wrong-choice": Case(_flags("--model.init_args.policy.dtype=float64"),
-                         ["config: model.policy.dtype: Expected a typing.Literal['float32', 'bfloat16', 'float16']"]),
+    "wrong-type-flag": Case(
+        _flags("--model.init_args.gamma=abc"), ["config: model.gamma: Expected a <class 'float'>. Got value: abc"]
+    ),
+    "wrong-choice": Case(
+        _flags("--model.init_args.policy.dtype=float64"),
+        ["config: model.policy.dtype: Expected a typing.Literal['float32', 'bfloat16', 'float16']"],
+    ),
     "gamma-zero": Case(_flags("--model.init_args.gamma=0"), ["model.gamma must be", "got 0.0"], subprocess=True),
     "gamma-infinite": Case(_flags("--model.init_args.gamma=.inf"), ["model.gamma must be", "got inf"]),
     "gamma-negative": Case(_flags("--model.init_args.gamma=-1"), ["model.gamma must be", "got -1.0"]),
@@ -195,29 +222,46 @@ CASES = {
     "beta-nan": Case(_dpo("--model.beta=.nan"), ["model.beta must be a finite positive number, got nan"]),
     "learning-rate-zero": Case(_flags("--model.init_args.learning_rate=0"), ["model.learning_rate must be > 0"]),
     "val-fraction-out-of-range": Case(_flags("--data.val_fraction=1.5"), ["val_fraction=1.5: expected a number"]),
-    "bad-callback-setting": Case(_flags("--trainer.callbacks+=wspo_lightning.callbacks.NonFiniteGuard",
-                                        "--trainer.callbacks.max_consecutive_skips=0"),
-                                 ["NonFiniteGuard.max_consecutive_skips must be >= 1, got 0"]),
+    "bad-callback-setting": Case(
+        _flags(
+            "--trainer.callbacks+=wspo_lightning.callbacks.NonFiniteGuard",
+            "--trainer.callbacks.max_consecutive_skips=0",
+        ),
+        ["NonFiniteGuard.max_consecutive_skips must be >= 1, got 0"],
+    ),
     # models and checkpoints
-    "policy-missing": Case(_flags("--model.init_args.policy.path={tmp}/no_policy"),
-                           ["tokenizer: ", "no_policy does not exist", "model.policy.path"]),
-    "weak-base-missing": Case(_flags("--model.init_args.weak_base.path={tmp}/no_model"),
-                              ["weak_base.path:", "no_model does not exist", "wspo tiny"]),
+    "policy-missing": Case(
+        _flags("--model.init_args.policy.path={tmp}/no_policy"),
+        ["tokenizer: ", "no_policy does not exist", "model.policy.path"],
+    ),
+    "weak-base-missing": Case(
+        _flags("--model.init_args.weak_base.path={tmp}/no_model"),
+        ["weak_base.path:", "no_model does not exist", "wspo tiny"],
+    ),
     "no-config-json": Case(_tokenizer_only, ["weak_aligned.path:", "tokenizer_only holds no config.json"]),
-    "pickle-weights-only": Case(_pickle_only, ["weak_base.path:", "pickled holds pickle weights (*.bin) but no "
-                                               "*.safetensors"]),
-    "vocabulary-mismatch": Case(_other_vocabulary, ["the tokenizers of policy and weak_base differ",
-                                                    "Token-level WSPO needs one vocabulary"]),
-    "quantization-without-bitsandbytes": Case(_without_bitsandbytes, ["weak_base.quantization=4bit needs bitsandbytes",
-                                                                      "pip install bitsandbytes"]),
+    "pickle-weights-only": Case(
+        _pickle_only, ["weak_base.path:", "pickled holds pickle weights (*.bin) but no *.safetensors"]
+    ),
+    "vocabulary-mismatch": Case(
+        _other_vocabulary, ["the tokenizers of policy and weak_base differ", "Token-level WSPO needs one vocabulary"]
+    ),
+    "quantization-without-bitsandbytes": Case(
+        _without_bitsandbytes, ["weak_base.quantization=4bit needs bitsandbytes", "pip install bitsandbytes"]
+    ),
     "ckpt-path-missing": Case(_flags("--ckpt_path={tmp}/gone.ckpt"), ["ckpt_path:", "gone.ckpt does not exist"]),
 }
 
 
 def _argv(tiny_world: Path, tmp: Path, case: Case) -> list[str]:
     config = tiny_config(tiny_world, tmp / "run")
-    return ["fit", "--config", str(config), "--trainer.max_steps=1", "--trainer.limit_val_batches=0",
-            *case.args(tiny_world, tmp)]
+    return [
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.max_steps=1",
+        "--trainer.limit_val_batches=0",
+        *case.args(tiny_world, tmp),
+    ]
 
 
 def _check(stderr: str, fragments: list[str]) -> None:
@@ -233,19 +277,22 @@ class _NoWeightsLoad(Exception):
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=c.marks) for n, c in CASES.items()])
-def test_bad_input_prints_one_clear_line_and_exits_2_before_any_model_loads(name, tiny_world, tmp_path, capsys,
-                                                                            monkeypatch):
+def test_bad_input_prints_one_clear_line_and_exits_2_before_any_model_loads(
+    name, tiny_world, tmp_path, capsys, monkeypatch
+):
     case = CASES[name]
     argv = _argv(tiny_world, tmp_path, case)
     if name == "quantization-without-bitsandbytes":
         find_spec = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec",
-                            lambda mod, *a: None if mod == "bitsandbytes" else find_spec(mod, *a))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda mod, *a: None if mod == "bitsandbytes" else find_spec(mod, *a)
+        )
 
     def no_weights(*args, **kwargs):
         raise _NoWeightsLoad("a model loaded before the bad input was reported")
 
-    monkeypatch.setattr("wspo_lightning.module.load_model", no_weights)
+    for target in ("wspo_lightning.module.base.load_model", "wspo_lightning.frozen.load_model"):
+        monkeypatch.setattr(target, no_weights)
     assert wspo_main(argv) == 2
     _check(capsys.readouterr().err, case.fragments)
 
@@ -258,8 +305,13 @@ def test_the_cli_subprocess_prints_one_line_and_exits_2(tiny_world, tmp_path):
     runs = {}
     for name in names:
         argv = _argv(tiny_world, tmp_path / name, CASES[name])
-        runs[name] = subprocess.Popen([sys.executable, "-m", "wspo_lightning.cli", *argv], stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True, env=env)
+        runs[name] = subprocess.Popen(
+            [sys.executable, "-m", "wspo_lightning.cli", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
     for name, run in runs.items():
         _, stderr = run.communicate(timeout=300)
         assert run.returncode == 2, (name, stderr[-3000:])
@@ -281,11 +333,14 @@ def test_ckpt_path_last_without_a_fixed_checkpoint_folder_is_an_input_error(tiny
             callback["init_args"] = {"save_last": True}  # no dirpath: each run saves under a new logger version
     config.write_text(yaml.safe_dump(settings))
     assert wspo_main(["fit", "--config", str(config), "--ckpt_path", "last"]) == 2
-    _check(capsys.readouterr().err, ["ckpt_path=last cannot find the checkpoints of an earlier run",
-                                     "Set dirpath on the ModelCheckpoint"])
+    _check(
+        capsys.readouterr().err,
+        ["ckpt_path=last cannot find the checkpoints of an earlier run", "Set dirpath on the ModelCheckpoint"],
+    )
 
 
 # ----------------------------------------------------------------------------- handled, not errors
+
 
 def test_no_pad_token_and_no_chat_template_are_handled_and_said_once(tmp_path, caplog):
     from wspo_lightning.data import PreferenceDataModule

@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_fit_e2e import fit, metrics, tiny_config
+from helpers import ROOT, fit, metrics, tiny_config
 
 from wspo_lightning import losses
 from wspo_lightning.callbacks import GammaSchedule
 from wspo_lightning.errors import InputError
 from wspo_lightning.logprobs import response_logps
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
@@ -28,8 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
         # linear_warmup 0 -> 2 over 4 steps: 2*s/4 for s < 4, then 2
         (GammaSchedule("linear_warmup", value=2.0, start=0.0, warmup_steps=4), [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]),
         # cosine 0 -> 1 over 4 steps: 1 + (0-1)*(1+cos(pi*s/4))/2 = (1-cos(pi*s/4))/2
-        (GammaSchedule("cosine", value=1.0, start=0.0, total_steps=4),
-         [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(3 * math.pi / 4)) / 2, 1.0, 1.0]),
+        (
+            GammaSchedule("cosine", value=1.0, start=0.0, total_steps=4),
+            [0.0, (1 - math.cos(math.pi / 4)) / 2, 0.5, (1 - math.cos(3 * math.pi / 4)) / 2, 1.0, 1.0],
+        ),
         # step: 1 doubled every 2 steps, capped at 4
         (GammaSchedule("step", value=4.0, start=1.0, every=2, factor=2.0), [1, 1, 2, 2, 4, 4, 4, 4]),
     ],
@@ -40,8 +40,11 @@ def test_gamma_schedule_values_match_worked_numbers(schedule, expected):
     assert got == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("kwargs", [{"kind": "exponential"}, {"value": float("nan")}, {"every": 0}],
-                         ids=["unknown-kind", "nan-value", "zero-every"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"kind": "exponential"}, {"value": float("nan")}, {"every": 0}],
+    ids=["unknown-kind", "nan-value", "zero-every"],
+)
 def test_gamma_schedule_rejects_bad_settings(kwargs):
     with pytest.raises(InputError, match="GammaSchedule"):
         GammaSchedule(**kwargs)
@@ -63,8 +66,11 @@ def test_gamma_schedule_drives_the_loss_and_survives_resume(tiny_world, tmp_path
     schedule = {"kind": "linear_warmup", "start": 0.0, "value": 2.0, "warmup_steps": 6}
     expected = [GammaSchedule(**schedule).gamma_at(s) for s in range(8)]
 
-    full = fit(with_schedule(tiny_config(tiny_world, tmp_path / "full"), schedule), "--trainer.max_steps=8",
-               "--trainer.limit_val_batches=0")
+    full = fit(
+        with_schedule(tiny_config(tiny_world, tmp_path / "full"), schedule),
+        "--trainer.max_steps=8",
+        "--trainer.limit_val_batches=0",
+    )
     assert metrics(full)["train/wspo/gamma"] == pytest.approx(expected)
     # gamma = 0 at step 0 with policy == reference: the loss is exactly 0
     assert metrics(full)["train/loss"][0] == 0.0
@@ -87,8 +93,9 @@ def test_reward_margin_logger_matches_a_recomputation_on_the_validation_pairs(ti
             for part in ("chosen", "rejected"):
                 rows = batch[f"{part}_input_ids"], batch[f"{part}_attention_mask"], batch[f"{part}_labels"]
                 policy, mask = response_logps(model.policy, *rows)
-                weak = losses.implicit_reward(model.frozen.logps("weak_aligned", *rows),
-                                              model.frozen.logps("weak_base", *rows), mask)
+                weak = losses.implicit_reward(
+                    model.frozen.logps("weak_aligned", *rows), model.frozen.logps("weak_base", *rows), mask
+                )
                 strong = losses.implicit_reward(policy, model.frozen.logps("reference", *rows), mask)
                 sign = 1 if part == "chosen" else -1
                 for kind, reward in (("weak", weak), ("strong", strong)):
@@ -108,8 +115,11 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     wandb_config = tmp_path / "wandb.yaml"
-    wandb_config.write_text((ROOT / "configs" / "wandb_logger.yaml").read_text().replace(
-        "save_dir: runs", f"save_dir: {tmp_path / 'wandb_runs'}"))
+    wandb_config.write_text(
+        (ROOT / "configs" / "wandb_logger.yaml")
+        .read_text()
+        .replace("save_dir: runs", f"save_dir: {tmp_path / 'wandb_runs'}")
+    )
     fit(tiny_config(tiny_world, tmp_path / "run"), "--config", str(wandb_config), "--trainer.max_epochs=1")
     import wandb
 
@@ -118,8 +128,13 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
     assert len(runs) == 1
     # The run log is protobuf records; keys and JSON values are stored as plain UTF-8 bytes.
     record_log = next(runs[0].glob("run-*.wandb")).read_bytes()
-    for key in (b"val/rewards/strong_margin", b"train/wspo/delta_weak", b"val/hist/strong_margin",
-                b"val/rewards/weak_margin_q50", b'"histogram"'):
+    for key in (
+        b"val/rewards/strong_margin",
+        b"train/wspo/delta_weak",
+        b"val/hist/strong_margin",
+        b"val/rewards/weak_margin_q50",
+        b'"histogram"',
+    ):
         assert key in record_log, key
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
     assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "finished", "weak_reward"]
@@ -132,17 +147,21 @@ def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path
     assert [r["prompt"] for r in rows] == cli.datamodule.prompts("val", 2)
     # recompute the weak reward of the first completion from its text, with the weak pair's own forwards
     tokenizer, frozen = cli.datamodule.tokenizer, cli.model.frozen
-    template = tokenizer.apply_chat_template([{"role": "user", "content": rows[0]["prompt"]}], tokenize=False,
-                                             add_generation_prompt=True)
+    template = tokenizer.apply_chat_template(
+        [{"role": "user", "content": rows[0]["prompt"]}], tokenize=False, add_generation_prompt=True
+    )
     prompt_ids = tokenizer(template, add_special_tokens=False, return_tensors="pt").input_ids
     ending = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if rows[0]["finished"] else []
     completion_ids = torch.tensor([tokenizer(rows[0]["completion"], add_special_tokens=False).input_ids + ending])
     assert completion_ids.shape[1] > 0
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     with torch.no_grad():
-        logps = {role: torch.log_softmax(frozen[role](ids).logits[0, :-1].float(), -1) for role in frozen
-                 if role.startswith("weak")}
+        logps = {
+            role: torch.log_softmax(frozen[role](ids).logits[0, :-1].float(), -1)
+            for role in frozen
+            if role.startswith("weak")
+        }
     targets = ids[0, 1:]
     delta = (logps["weak_aligned"] - logps["weak_base"]).gather(-1, targets[:, None])[:, 0]
-    expected = float(delta[prompt_ids.shape[1] - 1:].sum())
+    expected = float(delta[prompt_ids.shape[1] - 1 :].sum())
     assert rows[0]["weak_reward"] == pytest.approx(expected, abs=1e-3)

@@ -3,10 +3,10 @@ losses that version logged, and its logps cache is refused with the command that
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
+from helpers import by_step
 
 from wspo_lightning.errors import InputError
 from wspo_lightning.lightning_cli import run_cli
@@ -21,16 +21,11 @@ def legacy_config(out: Path) -> Path:
     return path
 
 
-def train_losses(csv_path: Path) -> dict[int, float]:
-    return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(csv_path.open())
-            if row.get("train/loss")}
-
-
 def test_a_checkpoint_of_version_0_1_resumes_with_the_losses_that_version_logged(tmp_path):
-    old = train_losses(LEGACY / "metrics.csv")  # the uninterrupted 4-step run of version 0.1
+    old = by_step(LEGACY / "metrics.csv")  # the uninterrupted 4-step run of version 0.1
     cli = run_cli(["fit", "--config", str(legacy_config(tmp_path)), f"--ckpt_path={LEGACY / 'step2.ckpt'}"])
     assert cli.trainer.global_step == 4
-    new = train_losses(tmp_path / "run" / "logs" / "metrics.csv")
+    new = by_step(tmp_path / "run")
     assert sorted(new) == [2, 3] and sorted(old) == [0, 1, 2, 3]
     for step in (2, 3):  # the resumed steps: same data order, gamma schedule, optimizer state and weights
         assert new[step] == pytest.approx(old[step], rel=1e-5), step
@@ -38,6 +33,9 @@ def test_a_checkpoint_of_version_0_1_resumes_with_the_losses_that_version_logged
 
 def test_a_version_1_cache_is_refused_with_its_rebuild_command(tmp_path):
     config = legacy_config(tmp_path)
-    with pytest.raises(InputError, match=r"v1, expected 'wspo-logps-cache' v2 .*Rebuild it: wspo precompute "
-                                         r"--config fit.yaml --model.init_args.cache_dir=cache_v1"):
+    with pytest.raises(
+        InputError,
+        match=r"v1, expected 'wspo-logps-cache' v2 .*Rebuild it: wspo precompute "
+        r"--config fit.yaml --model.init_args.cache_dir=cache_v1",
+    ):
         run_cli(["fit", "--config", str(config), f"--model.init_args.cache_dir={LEGACY / 'cache_v1'}"])

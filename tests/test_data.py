@@ -38,11 +38,14 @@ def varied_records(n: int, seed: int = 0) -> list[dict]:
     """Records whose lengths vary a lot, so padding depends on how batches are formed."""
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, 30, (n, 2), generator=gen).tolist()
-    return [{"id": f"v{i}", "prompt": "The plot " * a, "chosen": "was wonderful " * b, "rejected": "was dull"}
-            for i, (a, b) in enumerate(lengths)]
+    return [
+        {"id": f"v{i}", "prompt": "The plot " * a, "chosen": "was wonderful " * b, "rejected": "was dull"}
+        for i, (a, b) in enumerate(lengths)
+    ]
 
 
 # ----------------------------------------------------------------------------- formats
+
 
 def _write_json(path, records):
     path.write_text(json.dumps(records))
@@ -114,8 +117,10 @@ def test_record_formats_normalise_alike(tmp_path):
         ({"prompt": "Write one line.", "chosen": user + [chosen], "rejected": user + [rejected]}, pair),
         ({"messages": user + [chosen]}, single),
         ({"prompt": user, "completion": [chosen]}, single),
-        ({"prompt": "Write one line.", "chosen": "Lovely.", "rejected": "Dull."},
-         {**pair, "prompt": "Write one line."}),
+        (
+            {"prompt": "Write one line.", "chosen": "Lovely.", "rejected": "Dull."},
+            {**pair, "prompt": "Write one line."},
+        ),
         ({"prompt": "Write one line.", "response": "Lovely."}, {**single, "prompt": "Write one line."}),
         ({"prompt": "Write one line.", "completion": "Lovely."}, {**single, "prompt": "Write one line."}),
     ]
@@ -125,6 +130,7 @@ def test_record_formats_normalise_alike(tmp_path):
 
 
 # ----------------------------------------------------------------------------- masks and padding
+
 
 def test_labels_mask_exactly_the_prompt_and_padding(tmp_path, tokenizers):
     dm = make_dm(write_jsonl(tmp_path / "t.jsonl", varied_records(8)), tokenizers["chat"], val_fraction=0)
@@ -140,7 +146,7 @@ def test_labels_mask_exactly_the_prompt_and_padding(tmp_path, tokenizers):
             assert mask[row, :n].all() and not mask[row, n:].any()  # right padding
             assert (ids[row, n:] == tok.pad_token_id).all()
             assert tok.decode(ids[row, : n - len(response)].tolist()) == dm.renderer.prompt_text(record["prompt"])
-            assert (labels[row, n - len(response):n] == ids[row, n - len(response):n]).all()
+            assert (labels[row, n - len(response) : n] == ids[row, n - len(response) : n]).all()
 
 
 def test_chosen_and_rejected_share_the_padded_length_of_the_batch():
@@ -158,6 +164,7 @@ def test_chosen_and_rejected_share_the_padded_length_of_the_batch():
 
 
 # ----------------------------------------------------------------------------- truncation
+
 
 def test_truncation_cuts_the_prompt_from_the_left_first_then_the_response(tmp_path, tokenizers, caplog):
     renderer = Renderer(build_tokenizer())
@@ -179,6 +186,7 @@ def test_truncation_cuts_the_prompt_from_the_left_first_then_the_response(tmp_pa
 
 
 # ----------------------------------------------------------------------------- templates and tokenizers
+
 
 def test_chat_template_and_plain_template_render_prompts(tmp_path, tokenizers, caplog):
     path = write_jsonl(tmp_path / "t.jsonl", preference_records(8))
@@ -207,6 +215,7 @@ def test_tokenizer_without_pad_token_pads_with_eos_and_still_learns_eos(tmp_path
 
 
 # ----------------------------------------------------------------------------- split and order
+
 
 def test_train_val_split_is_deterministic_and_disjoint(tmp_path, tokenizers):
     path = write_jsonl(tmp_path / "t.jsonl", preference_records(40))
@@ -269,11 +278,21 @@ def test_lightning_trainer_runs_on_the_batches(tmp_path, tokenizers, val_fractio
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = PreferenceDataModule(str(write_jsonl(tmp_path / "t.jsonl", preference_records(16))), tokenizers["chat"],
-                              val_fraction=val_fraction, batch_size=4)
+    dm = PreferenceDataModule(
+        str(write_jsonl(tmp_path / "t.jsonl", preference_records(16))),
+        tokenizers["chat"],
+        val_fraction=val_fraction,
+        batch_size=4,
+    )
     probe = Probe()
-    pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-               enable_model_summary=False, num_sanity_val_steps=0).fit(probe, datamodule=dm)
+    pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    ).fit(probe, datamodule=dm)
     assert probe.seen == {"train": 16 - len(dm.val_records), "val": len(dm.val_records)}
 
 
@@ -318,7 +337,7 @@ def test_sampler_ranks_deal_out_one_grouped_order():
     assert [i for pair in zip(*streams) for i in pair] == single + single[:1]
     for rank, stream in enumerate(streams):
         for g in range(0, 100, 20):  # rank r holds positions r, r + 2, ... of each group of 20
-            group = [lengths[i] for i in stream[g // 2:(g + 20) // 2]]
+            group = [lengths[i] for i in stream[g // 2 : (g + 20) // 2]]
             assert group == sorted(group, reverse=True), (rank, g)
 
 
@@ -331,14 +350,16 @@ def test_lightning_keeps_the_grouped_sampler_under_ddp(tmp_path, tokenizers):
     dm = make_dm(path, tokenizers["chat"], val_fraction=0, group_by_length=True)
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)  # never launched
     dm.trainer = trainer
-    prepared = trainer._data_connector._prepare_dataloader(dm.train_dataloader(), shuffle=True,
-                                                          mode=RunningStage.TRAINING)
+    prepared = trainer._data_connector._prepare_dataloader(
+        dm.train_dataloader(), shuffle=True, mode=RunningStage.TRAINING
+    )
     sampler = prepared.sampler
     assert type(sampler) is SeededSampler and (sampler.num_replicas, sampler.rank) == (2, 0)
     assert len(prepared) == 40 // 2 // dm.batch_size + (40 // 2 % dm.batch_size > 0)
 
 
 # ----------------------------------------------------------------------------- bad inputs
+
 
 def _lines(*lines):
     return lambda path: path.write_text("".join(line + "\n" for line in lines))
@@ -355,56 +376,145 @@ BAD_INPUTS = {
     "missing-file": ("train.jsonl", None, None, ["train.jsonl", "not found"]),
     "empty-file": ("train.jsonl", _lines(), None, ["train.jsonl", "empty"]),
     "blank-lines-only": ("train.jsonl", _lines("", "  "), None, ["train.jsonl", "no records"]),
-    "invalid-json-line": ("train.jsonl", _lines(json.dumps(OK), '{"prompt": "p",'), None,
-                          ["train.jsonl:2:", "invalid JSON at column"]),
+    "invalid-json-line": (
+        "train.jsonl",
+        _lines(json.dumps(OK), '{"prompt": "p",'),
+        None,
+        ["train.jsonl:2:", "invalid JSON at column"],
+    ),
     "not-an-object": ("train.jsonl", _lines("[1, 2]"), None, ["train.jsonl:1:", "expected a record", "list"]),
-    "unknown-format": ("train.jsonl", _records({"question": "q", "answer": "a"}), None,
-                       ["train.jsonl:1:", "unknown record format", "['answer', 'question']", "{messages: [...]}"]),
-    "missing-prompt": ("train.jsonl", _records({"chosen": "c", "rejected": "r"}), None,
-                       ["train.jsonl:1:", "field 'prompt'", "missing"]),
-    "missing-rejected": ("train.jsonl", _records(OK, {"prompt": "p", "chosen": "c"}), None,
-                         ["train.jsonl:2:", "field 'rejected'", "missing"]),
-    "wrong-type": ("train.jsonl", _records({**OK, "chosen": 42}), None,
-                   ["train.jsonl:1: field 'chosen': expected a non-empty string, got int (42). Fix or remove"]),
-    "empty-prompt": ("train.jsonl", _records({**OK, "prompt": ""}), None,
-                     ["train.jsonl:1:", "field 'prompt'", "empty"]),
-    "empty-response": ("train.jsonl", _records({"prompt": "p", "response": "  "}), None,
-                       ["train.jsonl:1:", "field 'response'", "empty"]),
-    "messages-too-short": ("train.jsonl", _records({"messages": [BOT]}), None,
-                           ["train.jsonl:1:", "field 'messages'", "at least 2"]),
-    "messages-last-not-assistant": ("train.jsonl", _records({"messages": [BOT, USER]}), None,
-                                    ["train.jsonl:1:", "field 'messages[1].role'", "'assistant'"]),
-    "message-content-wrong-type": ("train.jsonl", _records({"messages": [{"role": "user", "content": 3}, BOT]}), None,
-                                   ["train.jsonl:1:", "field 'messages[0].content'", "int (3)"]),
+    "unknown-format": (
+        "train.jsonl",
+        _records({"question": "q", "answer": "a"}),
+        None,
+        ["train.jsonl:1:", "unknown record format", "['answer', 'question']", "{messages: [...]}"],
+    ),
+    "missing-prompt": (
+        "train.jsonl",
+        _records({"chosen": "c", "rejected": "r"}),
+        None,
+        ["train.jsonl:1:", "field 'prompt'", "missing"],
+    ),
+    "missing-rejected": (
+        "train.jsonl",
+        _records(OK, {"prompt": "p", "chosen": "c"}),
+        None,
+        ["train.jsonl:2:", "field 'rejected'", "missing"],
+    ),
+    "wrong-type": (
+        "train.jsonl",
+        _records({**OK, "chosen": 42}),
+        None,
+        ["train.jsonl:1: field 'chosen': expected a non-empty string, got int (42). Fix or remove"],
+    ),
+    "empty-prompt": (
+        "train.jsonl",
+        _records({**OK, "prompt": ""}),
+        None,
+        ["train.jsonl:1:", "field 'prompt'", "empty"],
+    ),
+    "empty-response": (
+        "train.jsonl",
+        _records({"prompt": "p", "response": "  "}),
+        None,
+        ["train.jsonl:1:", "field 'response'", "empty"],
+    ),
+    "messages-too-short": (
+        "train.jsonl",
+        _records({"messages": [BOT]}),
+        None,
+        ["train.jsonl:1:", "field 'messages'", "at least 2"],
+    ),
+    "messages-last-not-assistant": (
+        "train.jsonl",
+        _records({"messages": [BOT, USER]}),
+        None,
+        ["train.jsonl:1:", "field 'messages[1].role'", "'assistant'"],
+    ),
+    "message-content-wrong-type": (
+        "train.jsonl",
+        _records({"messages": [{"role": "user", "content": 3}, BOT]}),
+        None,
+        ["train.jsonl:1:", "field 'messages[0].content'", "int (3)"],
+    ),
     "conversations-differ-before-response": (
-        "train.jsonl", _records({"chosen": [USER, BOT], "rejected": [{"role": "user", "content": "yo"}, BOT]}), None,
-        ["train.jsonl:1:", "field 'rejected'", "share the prompt"]),
-    "conversation-without-prompt": ("train.jsonl", _records({"chosen": [BOT], "rejected": [BOT]}), None,
-                                    ["train.jsonl:1:", "field 'chosen'", "at least 2 messages"]),
-    "chosen-list-rejected-string": ("train.jsonl", _records({"prompt": [USER], "chosen": [BOT], "rejected": "r"}), None,
-                                    ["train.jsonl:1:", "field 'rejected'", "list of at least 1 messages", "str"]),
+        "train.jsonl",
+        _records({"chosen": [USER, BOT], "rejected": [{"role": "user", "content": "yo"}, BOT]}),
+        None,
+        ["train.jsonl:1:", "field 'rejected'", "share the prompt"],
+    ),
+    "conversation-without-prompt": (
+        "train.jsonl",
+        _records({"chosen": [BOT], "rejected": [BOT]}),
+        None,
+        ["train.jsonl:1:", "field 'chosen'", "at least 2 messages"],
+    ),
+    "chosen-list-rejected-string": (
+        "train.jsonl",
+        _records({"prompt": [USER], "chosen": [BOT], "rejected": "r"}),
+        None,
+        ["train.jsonl:1:", "field 'rejected'", "list of at least 1 messages", "str"],
+    ),
     "bad-id-type": ("train.jsonl", _records({**OK, "id": [1]}), None, ["train.jsonl:1:", "field 'id'", "list"]),
-    "duplicate-id": ("train.jsonl", _records({**OK, "id": 7}, {**OK, "id": "7"}), None,
-                     ["train.jsonl:2:", "field 'id'", "duplicate id '7'", "train.jsonl:1"]),
-    "json-record-index": ("train.json", lambda p: _write_json(p, [OK, {**OK, "rejected": 1.5}]), None,
-                          ["train.json:record 1:", "field 'rejected'", "float (1.5)"]),
+    "duplicate-id": (
+        "train.jsonl",
+        _records({**OK, "id": 7}, {**OK, "id": "7"}),
+        None,
+        ["train.jsonl:2:", "field 'id'", "duplicate id '7'", "train.jsonl:1"],
+    ),
+    "json-record-index": (
+        "train.json",
+        lambda p: _write_json(p, [OK, {**OK, "rejected": 1.5}]),
+        None,
+        ["train.json:record 1:", "field 'rejected'", "float (1.5)"],
+    ),
     "json-syntax": ("train.json", lambda p: p.write_text('[\n{"prompt": }]'), None, ["train.json:2:", "invalid JSON"]),
-    "json-not-a-list": ("train.json", lambda p: p.write_text('{"rows": []}'), None,
-                        ["train.json", "expected a list of records"]),
-    "parquet-record-index": ("train.parquet", lambda p: _write_parquet(p, [OK, {**OK, "prompt": " "}]), None,
-                             ["train.parquet:record 1:", "field 'prompt'", "empty"]),
+    "json-not-a-list": (
+        "train.json",
+        lambda p: p.write_text('{"rows": []}'),
+        None,
+        ["train.json", "expected a list of records"],
+    ),
+    "parquet-record-index": (
+        "train.parquet",
+        lambda p: _write_parquet(p, [OK, {**OK, "prompt": " "}]),
+        None,
+        ["train.parquet:record 1:", "field 'prompt'", "empty"],
+    ),
     "dataset-dict-without-split": (
-        "ds", lambda p: __import__("datasets").DatasetDict({"extra": __import__("datasets").Dataset.from_list([OK])})
-        .save_to_disk(str(p)), {}, ["ds", "splits ['extra']", "'train'"]),
-    "unsupported-extension": ("train.csv", _lines("prompt,chosen"), None,
-                              ["train.csv", "unsupported file type '.csv'"]),
-    "train-smaller-than-a-batch": ("train.jsonl", _records(*[{**OK, "id": i} for i in range(5)]), {"batch_size": 8},
-                                   ["train.jsonl", "holds 4 records", "batch_size=8", "val_fraction"]),
-    "response-empty-after-truncation": ("train.jsonl", _records(*[{**OK, "id": i} for i in range(4)]),
-                                        {"max_length": 1, "val_fraction": 0},
-                                        ["train.jsonl:1:", "field 'chosen'", "empty after truncation to max_length=1"]),
-    "val-id-also-in-train": ("train.jsonl", _records(*[{**OK, "id": i} for i in range(4)]),
-                             {"val_path": "val.jsonl"}, ["val.jsonl:1:", "field 'id'", "also in the training data"]),
+        "ds",
+        lambda p: (
+            __import__("datasets")
+            .DatasetDict({"extra": __import__("datasets").Dataset.from_list([OK])})
+            .save_to_disk(str(p))
+        ),
+        {},
+        ["ds", "splits ['extra']", "'train'"],
+    ),
+    "unsupported-extension": (
+        "train.csv",
+        _lines("prompt,chosen"),
+        None,
+        ["train.csv", "unsupported file type '.csv'"],
+    ),
+    "train-smaller-than-a-batch": (
+        "train.jsonl",
+        _records(*[{**OK, "id": i} for i in range(5)]),
+        {"batch_size": 8},
+        ["train.jsonl", "holds 4 records", "batch_size=8", "val_fraction"],
+    ),
+    "response-empty-after-truncation": (
+        "train.jsonl",
+        _records(*[{**OK, "id": i} for i in range(4)]),
+        {"max_length": 1, "val_fraction": 0},
+        ["train.jsonl:1:", "field 'chosen'", "empty after truncation to max_length=1"],
+    ),
+    "val-id-also-in-train": (
+        "train.jsonl",
+        _records(*[{**OK, "id": i} for i in range(4)]),
+        {"val_path": "val.jsonl"},
+        ["val.jsonl:1:", "field 'id'", "also in the training data"],
+    ),
 }
 
 
@@ -429,8 +539,11 @@ def test_bad_input_names_file_line_and_field(tmp_path, tokenizers, case):
     assert str(tmp_path) in message  # the full path, so the user finds the file
 
 
-@pytest.mark.parametrize("kwargs", [{"val_fraction": 1.0}, {"batch_size": 0}, {"prompt_template": "Q: {question}"}],
-                         ids=["val-fraction", "batch-size", "template-field"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"val_fraction": 1.0}, {"batch_size": 0}, {"prompt_template": "Q: {question}"}],
+    ids=["val-fraction", "batch-size", "template-field"],
+)
 def test_bad_arguments_fail_before_reading(kwargs):
     with pytest.raises(InputError, match=next(iter(kwargs))):
         PreferenceDataModule("missing.jsonl", "missing-tokenizer", **kwargs)

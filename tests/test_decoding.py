@@ -56,15 +56,17 @@ def batch(tok):
 
 def generate_new_tokens(model, input_ids, attention_mask, seed, **kwargs):
     torch.manual_seed(seed)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0,
-                         eos_token_id=EOS, **kwargs)
-    return out[:, input_ids.shape[1]:]
+    out = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, do_sample=True, top_k=0, eos_token_id=EOS, **kwargs
+    )
+    return out[:, input_ids.shape[1] :]
 
 
 def prompt_ids(tokenizer, prompt):
     """The chat-templated prompt, encoded independently of the package's helpers."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
@@ -82,14 +84,17 @@ def brute_force_reward(aligned, base, prompt, response):
 
 # --- plain and proxy sampling -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("arch", ["strong", "gpt2_strong"])
 @pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.9)])
 def test_sample_equals_generate_with_the_same_seed(models, batch, arch, temperature, top_p):
     ids, mask = batch
-    expected = generate_new_tokens(models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p,
-                                   max_new_tokens=25)
-    got = sample(models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p, max_new_tokens=25,
-                 eos_token_id=EOS)
+    expected = generate_new_tokens(
+        models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p, max_new_tokens=25
+    )
+    got = sample(
+        models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p, max_new_tokens=25, eos_token_id=EOS
+    )
     assert torch.equal(got, expected)
     assert (got == models[arch].generation_config.pad_token_id).any(), "some rows should end early"
 
@@ -97,8 +102,17 @@ def test_sample_equals_generate_with_the_same_seed(models, batch, arch, temperat
 def test_proxy_with_alpha_zero_equals_generate_with_the_same_seed(models, batch):
     ids, mask = batch
     expected = generate_new_tokens(models["strong"], ids, mask, seed=7, max_new_tokens=25)
-    got = proxy_sample(models["strong"], ids, mask, models["weak_aligned"], models["weak_base"], alpha=0.0,
-                       seed=7, max_new_tokens=25, eos_token_id=EOS)
+    got = proxy_sample(
+        models["strong"],
+        ids,
+        mask,
+        models["weak_aligned"],
+        models["weak_base"],
+        alpha=0.0,
+        seed=7,
+        max_new_tokens=25,
+        eos_token_id=EOS,
+    )
     assert torch.equal(got, expected)
 
 
@@ -106,8 +120,17 @@ def test_proxy_with_an_identical_weak_pair_equals_plain_sampling(models, batch):
     """weak_aligned == weak_base makes the log-ratio exactly 0, whatever alpha."""
     ids, mask = batch
     expected = generate_new_tokens(models["strong"], ids, mask, seed=1, max_new_tokens=20)
-    got = proxy_sample(models["strong"], ids, mask, models["weak_base"], models["weak_base"], alpha=3.0,
-                       seed=1, max_new_tokens=20, eos_token_id=EOS)
+    got = proxy_sample(
+        models["strong"],
+        ids,
+        mask,
+        models["weak_base"],
+        models["weak_base"],
+        alpha=3.0,
+        seed=1,
+        max_new_tokens=20,
+        eos_token_id=EOS,
+    )
     assert torch.equal(got, expected)
 
 
@@ -129,8 +152,18 @@ def test_proxy_logits_add_alpha_times_the_weak_log_ratio():
 def test_proxy_sampling_with_caches_equals_recomputing_every_prefix(models, tok):
     """A naive loop that re-encodes the whole sequence with all three models at every step."""
     ids = torch.tensor([prompt_ids(tok, PROMPTS[0])])
-    got = proxy_sample(models["strong"], ids, None, models["weak_aligned"], models["weak_base"], alpha=1.5,
-                       temperature=0.8, seed=11, max_new_tokens=15, eos_token_id=EOS)
+    got = proxy_sample(
+        models["strong"],
+        ids,
+        None,
+        models["weak_aligned"],
+        models["weak_base"],
+        alpha=1.5,
+        temperature=0.8,
+        seed=11,
+        max_new_tokens=15,
+        eos_token_id=EOS,
+    )
     generator = torch.Generator().manual_seed(11)
     seq = ids
     for _ in range(got.shape[1]):
@@ -138,7 +171,7 @@ def test_proxy_sampling_with_caches_equals_recomputing_every_prefix(models, tok)
         scores = (s + 1.5 * (a.log_softmax(-1) - b.log_softmax(-1))) / 0.8
         token = torch.multinomial(scores.softmax(-1), 1, generator=generator)
         seq = torch.cat([seq, token], dim=1)
-    assert seq[0, ids.shape[1]:].tolist() == got[0].tolist()
+    assert seq[0, ids.shape[1] :].tolist() == got[0].tolist()
 
 
 @torch.no_grad()
@@ -149,9 +182,20 @@ def test_sampled_logps_are_the_log_likelihood_under_the_sampler(models, tok, alp
     model's own log-likelihood (what `evaluate` needs for its KL estimate)."""
     ids = torch.tensor([prompt_ids(tok, PROMPTS[2])])
     tokens, ended_at, logps = proxy_sample(
-        models["strong"], ids, None, models["weak_aligned"], models["weak_base"], alpha=alpha,
-        temperature=temperature, top_p=top_p, seed=5, max_new_tokens=12, eos_token_id=EOS,
-        return_ended_at=True, return_logps=True)
+        models["strong"],
+        ids,
+        None,
+        models["weak_aligned"],
+        models["weak_base"],
+        alpha=alpha,
+        temperature=temperature,
+        top_p=top_p,
+        seed=5,
+        max_new_tokens=12,
+        eos_token_id=EOS,
+        return_ended_at=True,
+        return_logps=True,
+    )
     n = int(ended_at[0]) + 1 if ended_at[0] >= 0 else tokens.shape[1]
     seq = torch.cat([ids, tokens[:, :n]], dim=1)
     steps = torch.arange(ids.shape[1] - 1, seq.shape[1] - 1)
@@ -179,33 +223,51 @@ def test_num_samples_repeats_each_prompt_like_num_return_sequences(models, batch
 
 def test_greedy_sampling_at_temperature_zero_equals_generate_greedy(models, batch):
     ids, mask = batch
-    expected = models["strong"].generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12,
-                                         eos_token_id=EOS)[:, ids.shape[1]:]
-    assert torch.equal(sample(models["strong"], ids, mask, temperature=0.0, max_new_tokens=12, eos_token_id=EOS),
-                       expected)
+    expected = models["strong"].generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=EOS
+    )[:, ids.shape[1] :]
+    assert torch.equal(
+        sample(models["strong"], ids, mask, temperature=0.0, max_new_tokens=12, eos_token_id=EOS), expected
+    )
 
 
 def test_sampling_ends_rows_at_a_stop_string_and_pads_after_it(models, batch, tok):
     ids, mask = batch
     stop = ["e", "a"]
-    tokens, ended_at = proxy_sample(models["strong"], ids, mask, alpha=0.0, seed=0, max_new_tokens=40,
-                                    stop_strings=stop, tokenizer=tok, return_ended_at=True)
+    tokens, ended_at = proxy_sample(
+        models["strong"],
+        ids,
+        mask,
+        alpha=0.0,
+        seed=0,
+        max_new_tokens=40,
+        stop_strings=stop,
+        tokenizer=tok,
+        return_ended_at=True,
+    )
     for row, end in zip(tokens.tolist(), ended_at.tolist()):
         assert end >= 0, "a random model writes an 'e' or an 'a' within 40 tokens"
         assert any(s in tok.decode(row[: end + 1]) for s in stop)
         assert not any(s in tok.decode(row[:end]) for s in stop)
-        assert all(t == tok.pad_token_id for t in row[end + 1:])
+        assert all(t == tok.pad_token_id for t in row[end + 1 :])
 
 
-@pytest.mark.parametrize("setting, value, name", [
-    ("num_continuations", 0, "num_continuations (K)"), ("beam_width", 0, "beam_width (W)"),
-    ("chunk_length", 0, "chunk_length (L)"), ("temperature", -1.0, "temperature"),
-    ("top_p", 0.0, "top_p"), ("max_new_tokens", 0, "max_new_tokens"),
-])
+@pytest.mark.parametrize(
+    "setting, value, name",
+    [
+        ("num_continuations", 0, "num_continuations (K)"),
+        ("beam_width", 0, "beam_width (W)"),
+        ("chunk_length", 0, "chunk_length (L)"),
+        ("temperature", -1.0, "temperature"),
+        ("top_p", 0.0, "top_p"),
+        ("max_new_tokens", 0, "max_new_tokens"),
+    ],
+)
 def test_bad_settings_raise_value_error_naming_the_setting(models, tok, setting, value, name):
     with pytest.raises(ValueError, match=name.replace("(", r"\(").replace(")", r"\)")):
-        chunk_beam_search(models["strong"], tok, models["weak_aligned"], models["weak_base"], None, PROMPTS[:1],
-                          **{setting: value})
+        chunk_beam_search(
+            models["strong"], tok, models["weak_aligned"], models["weak_base"], None, PROMPTS[:1], **{setting: value}
+        )
 
 
 def test_proxy_with_nonzero_alpha_needs_the_weak_pair(models, batch):
@@ -214,6 +276,7 @@ def test_proxy_with_nonzero_alpha_needs_the_weak_pair(models, batch):
 
 
 # --- the weak-pair scorer -----------------------------------------------------------------------
+
 
 def test_weak_pair_scorer_equals_per_model_log_prob_sums(models, tok2):
     """Batched (padded) scoring of text equals each weak model's own log-probs, one sequence at a time."""
@@ -230,9 +293,9 @@ def test_weak_pair_scorer_equals_per_model_log_prob_sums(models, tok2):
 
 # --- chunk-level beam search --------------------------------------------------------------------
 
+
 def cbs(models, tok, weak_tok=None, weak=("weak_aligned", "weak_base"), **kwargs):
-    settings = dict(beam_width=3, num_continuations=2, chunk_length=4, max_new_tokens=18, seed=5,
-                    eos_token_id=EOS)
+    settings = dict(beam_width=3, num_continuations=2, chunk_length=4, max_new_tokens=18, seed=5, eos_token_id=EOS)
     settings.update(kwargs)
     return chunk_beam_search(models["strong"], tok, models[weak[0]], models[weak[1]], weak_tok, PROMPTS, **settings)
 
@@ -256,7 +319,7 @@ def check_trace_against_brute_force(trace, models, prompt_rows, response_ids, W)
     for record in trace:
         for b, (responses, scores, kept) in enumerate(zip(record.responses, record.scores, record.kept)):
             brute = []
-            for c, (response, score) in enumerate(zip(responses, scores)):
+            for response, score in zip(responses, scores):
                 if score == -math.inf:  # a copy of a beam that had already ended
                     brute.append(-math.inf)
                     continue
@@ -275,8 +338,9 @@ def test_cbs_keeps_the_top_w_candidates_by_brute_force_score(models, tok):
     weak = (models["weak_aligned"], models["weak_base"])
     check_trace_against_brute_force(trace, weak, [prompt_ids(tok, p) for p in PROMPTS], list, W=3)
     for b, result in enumerate(results):
-        assert result.score == pytest.approx(brute_force_reward(*weak, prompt_ids(tok, PROMPTS[b]),
-                                                                result.token_ids), abs=1e-4)
+        assert result.score == pytest.approx(
+            brute_force_reward(*weak, prompt_ids(tok, PROMPTS[b]), result.token_ids), abs=1e-4
+        )
         assert result.score == pytest.approx(max(trace[-1].scores[b]), abs=1e-6)
     ended_copies = sum(s == -math.inf for record in trace for row in record.scores for s in row)
     assert ended_copies > 0, "some beam should end early and then be carried once, not K times"

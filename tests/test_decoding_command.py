@@ -19,8 +19,14 @@ def gen_yaml(tiny_world, tmp_path):
         "weak_aligned": {"path": str(tiny_world / "weak_aligned")},
         "prompts": str(tiny_world / "val.jsonl"),
         "output": str(tmp_path / "out.jsonl"),
-        "method": "cbs", "beam_width": 2, "num_continuations": 2, "chunk_length": 3,
-        "max_new_tokens": 8, "limit": 3, "batch_size": 2, "reward": "vader",
+        "method": "cbs",
+        "beam_width": 2,
+        "num_continuations": 2,
+        "chunk_length": 3,
+        "max_new_tokens": 8,
+        "limit": 3,
+        "batch_size": 2,
+        "reward": "vader",
     }
     path = tmp_path / "gen.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -61,8 +67,9 @@ def test_print_config_shows_flags_over_the_yaml(gen_yaml, capsys):
     assert printed["weak_base"]["path"].endswith("weak_base")
 
 
-@pytest.mark.parametrize("line, problem", [('{"text": "no prompt here"}', "missing"),
-                                           ('{"prompt": "  "}', "expected a non-empty string")])
+@pytest.mark.parametrize(
+    "line, problem", [('{"text": "no prompt here"}', "missing"), ('{"prompt": "  "}', "expected a non-empty string")]
+)
 def test_bad_prompts_line_is_reported_with_file_line_and_field(gen_yaml, tmp_path, line, problem):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n\n' + line + "\n")  # the blank line still counts
@@ -70,19 +77,36 @@ def test_bad_prompts_line_is_reported_with_file_line_and_field(gen_yaml, tmp_pat
         main(["--config", str(gen_yaml), "--prompts", str(bad)])
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--num_continuations", "0"], r"num_continuations \(K\) must be >= 1"),
-    (["--method", "proxy", "--weak_base", "null", "--weak_aligned", "null"], "method proxy needs weak_base"),
-    (["--weak_aligned", "null"], "weak_base and weak_aligned go together"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_continuations", "0"], r"num_continuations \(K\) must be >= 1"),
+        (["--method", "proxy", "--weak_base", "null", "--weak_aligned", "null"], "method proxy needs weak_base"),
+        (["--weak_aligned", "null"], "weak_base and weak_aligned go together"),
+    ],
+)
 def test_bad_settings_fail_before_any_model_loads(gen_yaml, flags, message):
     with pytest.raises(InputError, match=message):
         main(["--config", str(gen_yaml), *flags])
 
 
 def test_plain_sampling_needs_no_weak_pair_and_writes_a_null_score(gen_yaml, tmp_path, capsys):
-    main(["--config", str(gen_yaml), "--method", "sample", "--weak_base", "null", "--weak_aligned", "null",
-          "--reward", "null", "--stop", '["e"]'])
+    main(
+        [
+            "--config",
+            str(gen_yaml),
+            "--method",
+            "sample",
+            "--weak_base",
+            "null",
+            "--weak_aligned",
+            "null",
+            "--reward",
+            "null",
+            "--stop",
+            '["e"]',
+        ]
+    )
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert all(row["score"] is None and "reward" not in row and "e" not in row["completion"] for row in rows)
     assert "mean weak score" not in capsys.readouterr().out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -10,42 +9,22 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import fit, metrics, tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from wspo_lightning.lightning_cli import run_cli
 from wspo_lightning.tiny import write_tiny_world
 
-ROOT = Path(__file__).resolve().parents[1]
 WSPO_METRICS = [
-    "loss", "wspo/delta_strong", "wspo/delta_weak", "wspo/residual", "wspo/gamma", "logratio/policy_reference",
+    "loss",
+    "wspo/delta_strong",
+    "wspo/delta_weak",
+    "wspo/residual",
+    "wspo/gamma",
+    "logratio/policy_reference",
 ]
 VAL_ONLY = ["rewards/weak_margin", "rewards/weak_accuracy", "rewards/strong_margin", "rewards/strong_accuracy"]
-
-
-def tiny_config(world: Path, out: Path) -> Path:
-    """configs/tiny_cpu.yaml with its paths pointed at `world` and `out`."""
-    text = (ROOT / "configs" / "tiny_cpu.yaml").read_text()
-    text = text.replace("runs/tiny/logs", str(out / "logs")).replace("runs/tiny/wspo_policy", str(out / "export"))
-    path = out / "config.yaml"
-    out.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace("runs/tiny", str(world)))
-    return path
-
-
-def fit(config: Path, *overrides: str):
-    return run_cli(["fit", "--config", str(config), *overrides])
-
-
-def metrics(cli) -> dict[str, list[float]]:
-    """Logged values per metric name, in order, from the CSV logger."""
-    rows = list(csv.DictReader(open(Path(cli.trainer.logger.log_dir) / "metrics.csv")))
-    out: dict[str, list[float]] = {}
-    for row in rows:
-        for key, value in row.items():
-            if value not in ("", None):
-                out.setdefault(key, []).append(float(value))
-    return out
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -91,8 +70,7 @@ def test_wspo_fit_trains_only_the_policy_logs_design_metrics_and_exports(tmp_pat
 def test_two_fits_with_the_same_seed_give_the_same_loss_curve(tiny_world, tmp_path):
     curves = []
     for run in ("a", "b"):
-        cli = fit(tiny_config(tiny_world, tmp_path / run), "--trainer.max_steps=6",
-                  "--trainer.limit_val_batches=0")
+        cli = fit(tiny_config(tiny_world, tmp_path / run), "--trainer.max_steps=6", "--trainer.limit_val_batches=0")
         curves.append(metrics(cli)["train/loss"])
     assert len(curves[0]) == 6
     assert curves[0] == curves[1]
@@ -117,9 +95,18 @@ def test_micro_batch_1_times_accumulation_4_equals_micro_batch_4(tiny_world, tmp
     """
     runs = []
     for run, batch, accumulate in (("mb1", 1, 4), ("mb4", 4, 1)):
-        cli = run_cli(["--config", str(tiny_config(tiny_world, tmp_path / run)), f"--data.batch_size={batch}",
-                       f"--trainer.accumulate_grad_batches={accumulate}", "--trainer.max_steps=3",
-                       "--trainer.limit_val_batches=0", "--trainer.gradient_clip_val=null"], run=False)
+        cli = run_cli(
+            [
+                "--config",
+                str(tiny_config(tiny_world, tmp_path / run)),
+                f"--data.batch_size={batch}",
+                f"--trainer.accumulate_grad_batches={accumulate}",
+                "--trainer.max_steps=3",
+                "--trainer.limit_val_batches=0",
+                "--trainer.gradient_clip_val=null",
+            ],
+            run=False,
+        )
         recorder = GradRecorder()
         cli.trainer.callbacks.append(recorder)
         cli.trainer.fit(cli.model, cli.datamodule)
@@ -140,12 +127,23 @@ def test_micro_batch_1_times_accumulation_4_equals_micro_batch_4(tiny_world, tmp
 
 def test_dpo_fit_logs_trl_metric_names_and_learns_the_preference(tiny_world, tmp_path):
     config = tiny_config(tiny_world, tmp_path / "dpo")
-    cli = fit(config, "--model=wspo_lightning.module.DPOModule",
-              f"--model.policy.path={tiny_world / 'policy'}", "--model.learning_rate=0.003",
-              "--model.beta=0.5")
+    cli = fit(
+        config,
+        "--model=wspo_lightning.module.DPOModule",
+        f"--model.policy.path={tiny_world / 'policy'}",
+        "--model.learning_rate=0.003",
+        "--model.beta=0.5",
+    )
     logged = metrics(cli)
-    for name in ["loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                 "logps/chosen", "logps/rejected"]:
+    for name in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    ]:
         assert f"train/{name}" in logged and f"val/{name}" in logged, name
     assert logged["val/rewards/accuracies"][-1] > 0.9
     assert logged["train/loss"][-1] < logged["train/loss"][0]
@@ -154,8 +152,12 @@ def test_dpo_fit_logs_trl_metric_names_and_learns_the_preference(tiny_world, tmp
 @pytest.mark.parametrize("bits", ["8bit", "4bit"])
 def test_wspo_runs_with_a_bitsandbytes_quantized_weak_pair(tiny_world, tmp_path, bits):
     pytest.importorskip("bitsandbytes")
-    cli = fit(tiny_config(tiny_world, tmp_path / bits), f"--model.weak_base.quantization={bits}",
-              f"--model.weak_aligned.quantization={bits}", "--trainer.max_steps=3")
+    cli = fit(
+        tiny_config(tiny_world, tmp_path / bits),
+        f"--model.weak_base.quantization={bits}",
+        f"--model.weak_aligned.quantization={bits}",
+        "--trainer.max_steps=3",
+    )
     import bitsandbytes as bnb
 
     layer = bnb.nn.Linear8bitLt if bits == "8bit" else bnb.nn.Linear4bit
@@ -166,8 +168,7 @@ def test_wspo_runs_with_a_bitsandbytes_quantized_weak_pair(tiny_world, tmp_path,
 
 
 def test_lora_policy_uses_the_adapter_free_base_as_reference(tiny_world, tmp_path):
-    cli = fit(tiny_config(tiny_world, tmp_path / "lora"), "--model.policy.lora.r=4",
-              "--model.learning_rate=0.01")
+    cli = fit(tiny_config(tiny_world, tmp_path / "lora"), "--model.policy.lora.r=4", "--model.learning_rate=0.01")
     model = cli.model
     assert "reference" not in model.frozen  # no second copy
     losses = metrics(cli)["train/loss"]
@@ -179,12 +180,27 @@ def test_lora_policy_uses_the_adapter_free_base_as_reference(tiny_world, tmp_pat
 
 def test_print_config_output_feeds_back_into_fit(tiny_world, tmp_path):
     config = tiny_config(tiny_world, tmp_path / "printed")
-    printed = subprocess.run([sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(config),
-                              "--print_config"], capture_output=True, text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(config), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "class_path: wspo_lightning.module.WSPOModule" in printed
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(printed)
-    done = subprocess.run([sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(resolved),
-                           "--trainer.max_steps=1", "--trainer.limit_val_batches=0"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wspo_lightning.cli",
+            "fit",
+            "--config",
+            str(resolved),
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=0",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]

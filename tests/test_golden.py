@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from test_resume import fit_config, logged
+from helpers import by_step
+from test_resume import fit_config
 
 from wspo_lightning.lightning_cli import run_cli
 
@@ -38,10 +39,11 @@ GOLDEN_LOSSES = [  # train/loss at global steps 0..5 (torch 2.13 CPU, transforme
 
 
 def test_wspo_golden_loss_trajectory_on_the_tiny_world_is_unchanged(tiny_world, tmp_path):
-    config = fit_config(tiny_world, tmp_path, gamma={"kind": "constant", "value": 2.0}, max_steps=6,
-                        limit_val_batches=0)
+    config = fit_config(
+        tiny_world, tmp_path, gamma={"kind": "constant", "value": 2.0}, max_steps=6, limit_val_batches=0
+    )
     run_cli(["fit", "--config", str(config)])
-    losses = logged(tmp_path)
+    losses = by_step(tmp_path)
     got = [losses[step] for step in range(6)]
     if os.environ.get("GOLDEN_PRINT"):
         print("GOLDEN_LOSSES = [\n" + "".join(f"    {value!r},\n" for value in got) + "]")

@@ -153,8 +153,11 @@ def test_wspo_loss_ignores_prompt_and_padding_values():
     noisy = {k: torch.where(mask, v, torch.randn(v.shape, generator=g) * 1e30) for k, v in batch.items()}
     gamma = 1.5
     per_row = [
-        wspo_loss(**{k: v[i][mask[i]].unsqueeze(0) for k, v in batch.items()},
-                  loss_mask=torch.ones(1, int(mask[i].sum()), dtype=torch.bool), gamma=gamma)
+        wspo_loss(
+            **{k: v[i][mask[i]].unsqueeze(0) for k, v in batch.items()},
+            loss_mask=torch.ones(1, int(mask[i].sum()), dtype=torch.bool),
+            gamma=gamma,
+        )
         for i in range(mask.shape[0])
     ]
     loss = wspo_loss(**noisy, loss_mask=mask, gamma=gamma)
@@ -283,6 +286,7 @@ def _trl_compute_loss(loss_type, beta, label_smoothing, pc, pr, rc, rr):
     sequence sum (rows are [chosen..., rejected...], as TRL concatenates them); reference log-probs come in
     as precomputed (``precompute_ref_logps``), so no reference model runs. Returns (loss, eval metrics)."""
     import trl.trainer.dpo_trainer as trl_dpo  # the dev extra pins TRL 1.x, where this method exists
+
     rows = 2 * pc.shape[0]
     per_token = torch.cat([pc, pr]).unsqueeze(1)  # [2B, 1]
 
@@ -298,10 +302,18 @@ def _trl_compute_loss(loss_type, beta, label_smoothing, pc, pr, rc, rr):
     trainer = SimpleNamespace(
         model=model,
         accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
-        aux_loss_enabled=False, precompute_ref_logps=True, ld_alpha=None, f_divergence_type="reverse_kl",
-        loss_types=[loss_type], loss_weights=[1.0], beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
+        aux_loss_enabled=False,
+        precompute_ref_logps=True,
+        ld_alpha=None,
+        f_divergence_type="reverse_kl",
+        loss_types=[loss_type],
+        loss_weights=[1.0],
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     inputs = {
         "input_ids": torch.zeros(rows, 2, dtype=torch.long),
@@ -326,9 +338,12 @@ def test_dpo_loss_and_metrics_match_trl_sigmoid_loss_on_random_inputs():
     margin, correct = reward_margin(chosen, rejected)
     assert_close(losses.mean(), trl_loss)
     ours = {
-        "rewards/chosen": chosen.mean(), "rewards/rejected": rejected.mean(),
-        "rewards/margins": margin.mean(), "rewards/accuracies": correct.mean(),
-        "logps/chosen": pc.mean(), "logps/rejected": pr.mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": margin.mean(),
+        "rewards/accuracies": correct.mean(),
+        "logps/chosen": pc.mean(),
+        "logps/rejected": pr.mean(),
     }
     for name, value in ours.items():
         assert trl_metrics[name] == pytest.approx([value.item()], rel=1e-5), name

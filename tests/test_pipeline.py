@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import LetterReward
 
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.errors import InputError
@@ -24,21 +25,15 @@ from wspo_lightning.tiny import build_tokenizer, write_tiny_model
 
 @pytest.fixture(scope="module")
 def tiny_strong(tmp_path_factory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("strong") / "strong", "llama", num_layers=2, hidden_size=32,
-                            tokenizer=build_tokenizer())
+    return write_tiny_model(
+        tmp_path_factory.mktemp("strong") / "strong", "llama", num_layers=2, hidden_size=32, tokenizer=build_tokenizer()
+    )
 
 
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     records = [{"id": f"p{i}", "prompt": f"Write one line about film number {i}."} for i in range(6)]
     return write_jsonl(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", records)
-
-
-class LetterReward:
-    """A deterministic stand-in gold reward: share of 'e' minus share of 'a'."""
-
-    def __call__(self, prompts, responses):
-        return [(r.count("e") - r.count("a")) / (1 + len(r)) for r in responses]
 
 
 def test_pairs_take_best_and_worst_response_per_prompt_and_drop_ties():
@@ -50,9 +45,18 @@ def test_pairs_take_best_and_worst_response_per_prompt_and_drop_ties():
         {"id": "b", "prompt": "pb", "response": "y", "reward": 0.3},  # tie: no pair
     ]
     result = make_pairs(records)
-    assert result == [{"id": "a", "prompt": "pa", "chosen": "high", "rejected": "low",
-                       "chosen_reward": 0.9, "rejected_reward": -0.5, "chosen_finished": True,
-                       "rejected_finished": True}]
+    assert result == [
+        {
+            "id": "a",
+            "prompt": "pa",
+            "chosen": "high",
+            "rejected": "low",
+            "chosen_reward": 0.9,
+            "rejected_reward": -0.5,
+            "chosen_finished": True,
+            "rejected_finished": True,
+        }
+    ]
 
 
 def test_pairs_stage_explains_when_every_prompt_is_a_tie(tmp_path):
@@ -87,8 +91,14 @@ def test_distinct_n_and_top_word_show_repetition():
 
 
 def test_sampled_logp_matches_a_forward_pass_so_kl_of_a_model_to_itself_is_zero(tiny_strong, prompts, tmp_path):
-    out = sample(ModelSpec(str(tiny_strong)), str(prompts), str(tmp_path / "s.jsonl"), num_samples=2,
-                 max_new_tokens=6, batch_size=5)
+    out = sample(
+        ModelSpec(str(tiny_strong)),
+        str(prompts),
+        str(tmp_path / "s.jsonl"),
+        num_samples=2,
+        max_new_tokens=6,
+        batch_size=5,
+    )
     records = read_jsonl(out)
     assert len(records) == 12 and {r["sample"] for r in records} == {0, 1}
     assert all(1 <= r["num_tokens"] <= 6 and len(r["response_ids"]) == r["num_tokens"] for r in records)
@@ -130,8 +140,17 @@ def test_atomic_path_replaces_a_folder_whole_or_not_at_all(tmp_path):
 
 def test_distilled_student_keeps_the_first_layers_and_the_tokenizer(tiny_strong, prompts, tmp_path):
     samples = sample(ModelSpec(str(tiny_strong)), str(prompts), str(tmp_path / "s.jsonl"), max_new_tokens=6)
-    student = distill(ModelSpec(str(tiny_strong)), str(samples), str(tmp_path / "student"), layers=1,
-                      top_k=8, epochs=1, batch_size=3, precision="32-true", log_dir=str(tmp_path / "log"))
+    student = distill(
+        ModelSpec(str(tiny_strong)),
+        str(samples),
+        str(tmp_path / "student"),
+        layers=1,
+        top_k=8,
+        epochs=1,
+        batch_size=3,
+        precision="32-true",
+        log_dir=str(tmp_path / "log"),
+    )
     config = json.loads((student / "config.json").read_text())
     assert config["num_hidden_layers"] == 1
     assert (student / "tokenizer.json").read_text() == (tiny_strong / "tokenizer.json").read_text()
@@ -153,13 +172,41 @@ def test_truncate_keeps_the_listed_layers_renumbered(tiny_strong):
 
 def test_stage_commands_parse_flags_through_wspo(tiny_strong, prompts, tmp_path):
     out = tmp_path / "s.jsonl"
-    assert wspo_main(["sample", "--model.path", str(tiny_strong), "--prompts", str(prompts), "--out", str(out),
-                      "--num_samples", "2", "--max_new_tokens", "3"]) == 0
+    assert (
+        wspo_main(
+            [
+                "sample",
+                "--model.path",
+                str(tiny_strong),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(out),
+                "--num_samples",
+                "2",
+                "--max_new_tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     # a reward given by import path; VADER scores any text
     assert wspo_main(["score", "--samples", str(out), "--out", str(tmp_path / "sc.jsonl")]) == 0
     assert all(-1 <= r["reward"] <= 1 for r in read_jsonl(tmp_path / "sc.jsonl"))
-    assert wspo_main(["sample", "--model.path", str(tmp_path / "missing"), "--prompts", str(prompts),
-                      "--out", str(tmp_path / "x.jsonl")]) == 2
+    assert (
+        wspo_main(
+            [
+                "sample",
+                "--model.path",
+                str(tmp_path / "missing"),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "x.jsonl"),
+            ]
+        )
+        == 2
+    )
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import metrics, tiny_config
 from safetensors.torch import load_file, save_file
-from test_fit_e2e import metrics, tiny_config
 
 from wspo_lightning import cli as wspo_cli
 from wspo_lightning.cache import LogpsCache
@@ -56,21 +56,27 @@ def test_cache_holds_each_records_response_values_independent_of_padding(cached,
     start = int(shard["rejected.length"][:row].sum())
     ids = torch.tensor([feature["prompt_ids"] + feature["rejected_ids"]])
     labels = ids.clone()
-    labels[0, :len(feature["prompt_ids"])] = -100
+    labels[0, : len(feature["prompt_ids"])] = -100
     aligned = response_logps(cli.model.frozen.models["weak_aligned"], ids, torch.ones_like(ids), labels)[0][0]
     base = response_logps(cli.model.frozen.models["weak_base"], ids, torch.ones_like(ids), labels)[0][0]
     n = len(feature["rejected_ids"])
     assert int(shard["rejected.length"][row]) == n
-    torch.testing.assert_close(shard["rejected.delta_weak"][start:start + n], (aligned - base)[-n:])
+    torch.testing.assert_close(shard["rejected.delta_weak"][start : start + n], (aligned - base)[-n:])
 
 
 VARIANTS = {  # extra fit arguments, compared metrics
-    "wspo": ([], ["train/loss", "train/wspo/delta_weak", "val/loss", "val/rewards/weak_margin",
-                  "val/rewards/strong_margin"]),
-    "wspo_lora": (["--model.policy.lora.r=4", "--model.learning_rate=0.01"],
-                  ["train/loss", "val/loss", "val/rewards/strong_margin"]),
-    "dpo": (["--model=wspo_lightning.module.DPOModule", "--model.learning_rate=0.003", "--model.beta=0.5"],
-            ["train/loss", "train/rewards/margins", "val/loss", "val/rewards/margins"]),
+    "wspo": (
+        [],
+        ["train/loss", "train/wspo/delta_weak", "val/loss", "val/rewards/weak_margin", "val/rewards/strong_margin"],
+    ),
+    "wspo_lora": (
+        ["--model.policy.lora.r=4", "--model.learning_rate=0.01"],
+        ["train/loss", "val/loss", "val/rewards/strong_margin"],
+    ),
+    "dpo": (
+        ["--model=wspo_lightning.module.DPOModule", "--model.learning_rate=0.003", "--model.beta=0.5"],
+        ["train/loss", "train/rewards/margins", "val/loss", "val/rewards/margins"],
+    ),
 }
 
 
@@ -85,14 +91,20 @@ def test_fit_from_the_cache_gives_the_same_losses_and_loads_only_the_policy(cach
         precompute_main(["--config", str(config), *extra, f"--model.init_args.cache_dir={cache}"])
     runs = {}
     for name, cache_args in (("live", []), ("cached", [f"--model.init_args.cache_dir={cache}"])):
-        runs[name] = run_cli(["fit", "--config", str(tiny_config(tiny_world, tmp_path / name)), *SHORT, *extra,
-                              *cache_args])
+        runs[name] = run_cli(
+            ["fit", "--config", str(tiny_config(tiny_world, tmp_path / name)), *SHORT, *extra, *cache_args]
+        )
     assert runs["cached"].model.frozen.models == {}  # no weak pair, no reference: the policy alone
     live, from_cache = metrics(runs["live"]), metrics(runs["cached"])
     for name in compared:
         assert len(live[name]) == len(from_cache[name]) > 0, name
-        torch.testing.assert_close(torch.tensor(from_cache[name]), torch.tensor(live[name]), rtol=1e-4, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(from_cache[name]),
+            torch.tensor(live[name]),
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 def test_a_cache_is_refused_when_the_training_data_changes(cached, tmp_path, capsys):
@@ -100,8 +112,9 @@ def test_a_cache_is_refused_when_the_training_data_changes(cached, tmp_path, cap
     records = preference_records(64, seed=0)
     records[5]["chosen"] = "The plot was a delight and I would say so again."
     train = write_jsonl(tmp_path / "train.jsonl", records)
-    code = wspo_cli.main(["fit", "--config", str(config), f"--model.init_args.cache_dir={cache}",
-                          f"--data.train_path={train}"])
+    code = wspo_cli.main(
+        ["fit", "--config", str(config), f"--model.init_args.cache_dir={cache}", f"--data.train_path={train}"]
+    )
     message = capsys.readouterr().err
     assert code == 2
     assert "the train data changed since the cache was made" in message
@@ -144,9 +157,19 @@ def test_qlora_policy_trains_on_cpu(tiny_world, tmp_path):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes as bnb
 
-    cli = run_cli(["fit", "--config", str(tiny_config(tiny_world, tmp_path)), "--model.policy.quantization=4bit",
-                   "--model.policy.lora.r=4", "--model.learning_rate=0.01", "--trainer.max_steps=3",
-                   "--trainer.limit_val_batches=0", "--data.batch_size=4"])
+    cli = run_cli(
+        [
+            "fit",
+            "--config",
+            str(tiny_config(tiny_world, tmp_path)),
+            "--model.policy.quantization=4bit",
+            "--model.policy.lora.r=4",
+            "--model.learning_rate=0.01",
+            "--trainer.max_steps=3",
+            "--trainer.limit_val_batches=0",
+            "--data.batch_size=4",
+        ]
+    )
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in cli.model.policy.modules())
     assert "reference" not in cli.model.frozen
     losses = metrics(cli)["train/loss"]

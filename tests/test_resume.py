@@ -4,7 +4,7 @@ non-finite guard (stop with a message naming the step, or skip the batch)."""
 
 from __future__ import annotations
 
-import csv
+import functools
 import multiprocessing
 import os
 import signal
@@ -16,9 +16,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import yaml
+from helpers import by_step, tiny_config
 from safetensors.torch import load_file
-from test_fit_e2e import ROOT
 
 from wspo_lightning.callbacks import AtomicCheckpointIO, NonFiniteGuard
 from wspo_lightning.cli import main as wspo_main
@@ -28,44 +27,7 @@ from wspo_lightning.lightning_cli import run_cli
 TESTS = Path(__file__).resolve().parent
 
 
-def fit_config(world: Path, out: Path, *, every_n_train_steps: int | None = None, gamma: dict | None = None,
-               extra_callbacks: list[dict] = (), name: str = "config.yaml", **trainer) -> Path:
-    """configs/tiny_cpu.yaml pointed at `world`, writing under `out`, checkpoints in `out/checkpoints`;
-    saved as `out/name`."""
-    config = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
-    config["model"]["init_args"]["policy"]["path"] = str(world / "policy")
-    for role in ("weak_base", "weak_aligned"):
-        config["model"]["init_args"][role]["path"] = str(world / role)
-    config["data"].update(train_path=str(world / "train.jsonl"), val_path=str(world / "val.jsonl"))
-    config["trainer"].update(default_root_dir=str(out), enable_progress_bar=False, enable_model_summary=False,
-                             **trainer)
-    config["trainer"]["logger"][0]["init_args"]["save_dir"] = str(out / "logs")
-    for callback in config["trainer"]["callbacks"]:
-        kind, args = callback["class_path"].rsplit(".", 1)[-1], callback.setdefault("init_args", {})
-        if kind == "ModelCheckpoint":
-            args.update(dirpath=str(out / "checkpoints"), every_n_train_steps=every_n_train_steps)
-        elif kind == "HFExport":
-            args["dirpath"] = str(out / "export")
-        elif kind == "GammaSchedule" and gamma is not None:
-            callback["init_args"] = gamma
-    if any(c["class_path"].endswith("NonFiniteGuard") for c in extra_callbacks):  # replaces the config's
-        config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
-                                          if not c["class_path"].endswith("NonFiniteGuard")]
-    config["trainer"]["callbacks"] += list(extra_callbacks)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def logged(run: Path, name: str = "train/loss") -> dict[int, float]:
-    """A metric per global step, from every CSV version under `run/logs` (a resumed run adds one)."""
-    values = {}
-    for path in sorted((run / "logs").rglob("metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            if row.get(name):
-                values[int(row["step"])] = float(row[name])
-    return values
+fit_config = functools.partial(tiny_config, every_n_train_steps=None)  # checkpoints only where asked
 
 
 class HoldAt(pl.Callback):
@@ -84,11 +46,16 @@ def _wspo(config: Path, *args: str) -> subprocess.Popen:
     """`wspo fit --config config *args` in a subprocess; its stderr goes to `<config>.stderr`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     with open(config.with_suffix(".stderr"), "w") as stderr:  # a file, not a pipe nobody reads while waiting
-        return subprocess.Popen([sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(config), *args],
-                                stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(config), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
 
 
 # ----------------------------------------------------------------------------- kill -9 and resume
+
 
 def test_kill_9_mid_epoch_then_ckpt_path_last_ends_bit_identical_to_an_uninterrupted_run(tiny_world, tmp_path):
     """64 records in batches of 8: 8 steps an epoch; 12 steps; a checkpoint every 3 steps; a linear
@@ -133,13 +100,14 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_ends_bit_identical_to_an_uninterru
     different = [name for name in final_a if not torch.equal(final_a[name], final_b[name])]
     assert not different, different
     for metric in ("train/loss", "train/wspo/gamma"):
-        a, b = logged(tmp_path / "a", metric), logged(tmp_path / "b", metric)
+        a, b = by_step(tmp_path / "a", metric), by_step(tmp_path / "b", metric)
         assert sorted(a) == list(range(12)), metric
         assert {step: b[step] for step in range(6, 12)} == {step: a[step] for step in range(6, 12)}, metric
-    assert logged(tmp_path / "a", "train/wspo/gamma")[6] == pytest.approx(0.5 + 1.5 * 6 / 10)  # mid warm-up
+    assert by_step(tmp_path / "a", "train/wspo/gamma")[6] == pytest.approx(0.5 + 1.5 * 6 / 10)  # mid warm-up
 
 
 # ----------------------------------------------------------------------------- the loader's position
+
 
 def _batches(loader, epoch: int, stop: int | None = None) -> list[list[int]]:
     iterator = iter(loader)
@@ -150,8 +118,13 @@ def _batches(loader, epoch: int, stop: int | None = None) -> list[list[int]]:
 @pytest.mark.parametrize("num_workers", [0, 2], ids=["in-process", "2-workers"])
 def test_resumable_loader_continues_the_saved_epoch_with_its_next_batch(num_workers):
     def loader(position=None):
-        return ResumableDataLoader(list(range(23)), batch_size=4, sampler=SeededSampler([1] * 23, seed=5),
-                                   num_workers=num_workers, position=position)
+        return ResumableDataLoader(
+            list(range(23)),
+            batch_size=4,
+            sampler=SeededSampler([1] * 23, seed=5),
+            num_workers=num_workers,
+            position=position,
+        )
 
     full = {epoch: _batches(loader(), epoch) for epoch in (0, 1)}
     assert full[0] != full[1] and len(full[1]) == 6
@@ -179,8 +152,9 @@ def test_loader_position_survives_lightning_rebuilding_the_loader_for_ddp():
 
     position = LoaderPosition()
     with _replace_dunder_methods(DataLoader, "dataset"):  # how Lightning records the loader's arguments
-        original = ResumableDataLoader(list(range(20)), batch_size=3, sampler=SeededSampler([1] * 20, 0),
-                                       position=position)
+        original = ResumableDataLoader(
+            list(range(20)), batch_size=3, sampler=SeededSampler([1] * 20, 0), position=position
+        )
     rank_1 = DistributedSamplerWrapper(original.sampler, num_replicas=2, rank=1, shuffle=False)
     rebuilt = _update_dataloader(original, rank_1)
     assert type(rebuilt) is ResumableDataLoader and rebuilt.position is position
@@ -190,6 +164,7 @@ def test_loader_position_survives_lightning_rebuilding_the_loader_for_ddp():
 
 
 # ----------------------------------------------------------------------------- atomic checkpoints
+
 
 class _BlockWhilePickled:
     """Pickling this writes `marker` and sleeps: a save in progress, to be killed."""
@@ -237,6 +212,7 @@ def test_wspo_fit_writes_checkpoints_atomically_and_guards_non_finite_values_by_
 
 # ----------------------------------------------------------------------------- non-finite guard
 
+
 class PoisonAt(pl.Callback):
     """Test helper: make the loss of the given global steps nan (gamma = nan) or their gradients inf."""
 
@@ -266,17 +242,20 @@ class WeightsAround(pl.Callback):
         self.after[trainer.global_step - 1] = {n: p.detach().clone() for n, p in pl_module.policy.named_parameters()}
 
 
-def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_world, tmp_path, capsys,
-                                                                                     monkeypatch):
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tiny_world, tmp_path, capsys, monkeypatch
+):
     monkeypatch.syspath_prepend(str(TESTS))
     poison = {"class_path": "test_resume.PoisonAt", "init_args": {"loss_steps": [5]}}
-    config = fit_config(tiny_world, tmp_path, every_n_train_steps=2, max_steps=8, limit_val_batches=0,
-                        extra_callbacks=[poison])
+    config = fit_config(
+        tiny_world, tmp_path, every_n_train_steps=2, max_steps=8, limit_val_batches=0, extra_callbacks=[poison]
+    )
     assert wspo_main(["fit", "--config", str(config)]) == 1
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wspo:")]
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert len(lines) == 1 and lines[0].startswith("wspo: error: training stopped at global step 5 (epoch 0, batch 5, "
-                                                   "record ids toy-0-"), lines
+    assert len(lines) == 1 and lines[0].startswith(
+        "wspo: error: training stopped at global step 5 (epoch 0, batch 5, record ids toy-0-"
+    ), lines
     assert "non-finite loss (nan)" in lines[0] and f"the last checkpoint is {last} (step 4)" in lines[0]
     state = torch.load(last, weights_only=True)
     assert state["global_step"] == 4 and all(torch.isfinite(t).all() for t in state["state_dict"].values())

@@ -14,19 +14,17 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
+from helpers import ROOT, metrics
 from safetensors.torch import load_file
-from test_fit_e2e import metrics
 
 from wspo_lightning.cache import LogpsCache
 from wspo_lightning.lightning_cli import precompute, run_cli
 from wspo_lightning.tiny import write_tiny_world
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["--trainer.max_steps=4", "--trainer.max_epochs=4", "--data.eval_batch_size=4", "--trainer.accelerator=cpu"]
 COMPARED = ["train/loss", "train/wspo/delta_strong", "val/loss", "val/rewards/strong_margin"]
 
@@ -42,17 +40,27 @@ def config(world: Path, out: Path, checkpoint_every: int | None = None, fsdp2: b
     Left out until callbacks/logging.py and callbacks/faults.py handle several ranks: SampleTable (rank 0
     alone reads `trainer.log_dir`, a collective: DDP deadlocks), and under FSDP2 NonFiniteGuard's gradient
     check (DTensor gradients: `.tolist()` fails); the guard still checks the loss."""
-    data = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text().replace("runs/tiny/logs", str(out / "logs"))
-                          .replace("runs/tiny/wspo_policy", str(out / "export")).replace("runs/tiny", str(world)))
+    data = yaml.safe_load(
+        (ROOT / "configs" / "tiny_cpu.yaml")
+        .read_text()
+        .replace("runs/tiny/logs", str(out / "logs"))
+        .replace("runs/tiny/wspo_policy", str(out / "export"))
+        .replace("runs/tiny", str(world))
+    )
     callbacks = [c for c in data["trainer"]["callbacks"] if not c["class_path"].endswith("SampleTable")]
     if checkpoint_every:
         for c in callbacks:
             if c["class_path"].endswith("ModelCheckpoint"):
-                c["init_args"] = {"dirpath": str(out / "ckpt"), "filename": "{step}", "save_top_k": -1,
-                                  "every_n_train_steps": checkpoint_every}
+                c["init_args"] = {
+                    "dirpath": str(out / "ckpt"),
+                    "filename": "{step}",
+                    "save_top_k": -1,
+                    "every_n_train_steps": checkpoint_every,
+                }
     if fsdp2:
-        callbacks.append({"class_path": "wspo_lightning.callbacks.faults.NonFiniteGuard",
-                          "init_args": {"check_gradients": False}})
+        callbacks.append(
+            {"class_path": "wspo_lightning.callbacks.faults.NonFiniteGuard", "init_args": {"check_gradients": False}}
+        )
     data["trainer"]["callbacks"] = callbacks
     out.mkdir(parents=True, exist_ok=True)
     path = out / "config.yaml"
@@ -63,8 +71,9 @@ def config(world: Path, out: Path, checkpoint_every: int | None = None, fsdp2: b
 def launch(command: list[str], timeout: int = 180) -> str:
     """Run `command` in its own process group (killed whole on timeout); its stderr."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=ROOT, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
+    )
     try:
         _, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -80,14 +89,21 @@ def wspo(*args: str) -> list[str]:
 
 
 def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "wspo_lightning.cli", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "wspo_lightning.cli",
+        *args,
+    ]
 
 
 def csv_metrics(out: Path) -> dict[str, list[float]]:
-    """What rank 0's CSVLogger wrote under `out` (metrics() reads cli.trainer.logger.log_dir)."""
-    log_dir = str(sorted((out / "logs" / "wspo").glob("version_*"))[-1])
-    return metrics(SimpleNamespace(trainer=SimpleNamespace(logger=SimpleNamespace(log_dir=log_dir))))
+    """What rank 0's CSVLogger wrote under `out`, in its newest version folder."""
+    return metrics(sorted((out / "logs" / "wspo").glob("version_*"))[-1] / "metrics.csv")
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +117,13 @@ def single(world, tmp_path_factory):
 def assert_curves_match(got: dict, want: dict, names=COMPARED, rtol: float = 1e-4) -> None:
     for name in names:
         assert len(got[name]) == len(want[name]) > 0, (name, got.get(name), want.get(name))
-        torch.testing.assert_close(torch.tensor(got[name]), torch.tensor(want[name]), rtol=rtol, atol=1e-6,
-                                   msg=lambda m, name=name: f"{name}: {m}\n got {got[name]}\n want {want[name]}")
+        torch.testing.assert_close(
+            torch.tensor(got[name]),
+            torch.tensor(want[name]),
+            rtol=rtol,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}\n got {got[name]}\n want {want[name]}",
+        )
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -114,17 +135,36 @@ def ddp_cache(world, tmp_path_factory):
     """`wspo precompute` on two processes: (config, cache folder)."""
     out = tmp_path_factory.mktemp("ddp_cache")
     path, cache = config(world, out), out / "cache"
-    launch(wspo("precompute", "--config", str(path), f"--model.init_args.cache_dir={cache}", "--trainer.devices=2",
-                "--trainer.accelerator=cpu"))
+    launch(
+        wspo(
+            "precompute",
+            "--config",
+            str(path),
+            f"--model.init_args.cache_dir={cache}",
+            "--trainer.devices=2",
+            "--trainer.accelerator=cpu",
+        )
+    )
     return path, cache
 
 
-def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_losses(world, tmp_path, single,
-                                                                                       ddp_cache):
+def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_losses(
+    world, tmp_path, single, ddp_cache
+):
     """The single-process run computes every frozen role live; the DDP run loads only the policy."""
     out = tmp_path / "ddp"
-    launch(wspo("fit", "--config", str(config(world, out)), *STEPS, "--data.batch_size=8", "--trainer.devices=2",
-                "--trainer.strategy=ddp", f"--model.init_args.cache_dir={ddp_cache[1]}"))
+    launch(
+        wspo(
+            "fit",
+            "--config",
+            str(config(world, out)),
+            *STEPS,
+            "--data.batch_size=8",
+            "--trainer.devices=2",
+            "--trainer.strategy=ddp",
+            f"--model.init_args.cache_dir={ddp_cache[1]}",
+        )
+    )
     assert_curves_match(csv_metrics(out), single[0])
     exported = load_file(str(out / "export" / "model.safetensors"))
     for name, tensor in single[1].items():
@@ -134,8 +174,13 @@ def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_lo
 def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, tmp_path, single):
     """torchrun launch, FSDP2Strategy (ModelParallelStrategy + fully_shard per decoder layer), a
     distributed checkpoint at step 2, then a second run resumed from it redoes steps 3-4 exactly."""
-    fsdp2 = ["--config", str(ROOT / "configs" / "strategies" / "fsdp2.yaml"), "--trainer.devices=2",
-             "--data.batch_size=8", *STEPS]
+    fsdp2 = [
+        "--config",
+        str(ROOT / "configs" / "strategies" / "fsdp2.yaml"),
+        "--trainer.devices=2",
+        "--data.batch_size=8",
+        *STEPS,
+    ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     launch(torchrun("fit", "--config", str(config(world, full, checkpoint_every=2, fsdp2=True)), *fsdp2))
     checkpoint = full / "ckpt" / "step=2.ckpt"
@@ -146,14 +191,14 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, 
     launch(torchrun("fit", "--config", str(config(world, resumed, fsdp2=True)), *fsdp2, f"--ckpt_path={checkpoint}"))
     resumed_metrics = csv_metrics(resumed)
     assert resumed_metrics["step"][0] == 2  # it went on from step 2
-    torch.testing.assert_close(torch.tensor(resumed_metrics["train/loss"]),
-                               torch.tensor(full_metrics["train/loss"][2:]), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(resumed_metrics["train/loss"]), torch.tensor(full_metrics["train/loss"][2:]), rtol=1e-6, atol=0
+    )
 
     # HFExport gathers the DTensor shards into one plain Hugging Face checkpoint
     exported = load_file(str(full / "export" / "model.safetensors"))
     assert exported.keys() == single[1].keys()
-    torch.testing.assert_close(load_file(str(resumed / "export" / "model.safetensors")), exported,
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(load_file(str(resumed / "export" / "model.safetensors")), exported, rtol=1e-6, atol=1e-7)
     for name, tensor in single[1].items():
         assert relative(exported[name], tensor) < 1e-3, name
 
@@ -161,19 +206,34 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, 
 def test_fsdp2_trains_lora_adapters_and_exports_the_merged_policy(world, tmp_path):
     """LoRA under FSDP2 (frozen base and trainable adapters in one sharded unit); HFExport gathers the
     shards, merges the adapters on rank 0 and writes a plain model equal to a one-process run's."""
-    lora = ["--model.policy.lora.r=4", "--model.learning_rate=0.01", "--trainer.max_steps=2",
-            "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu"]
+    lora = [
+        "--model.policy.lora.r=4",
+        "--model.learning_rate=0.01",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=0",
+        "--trainer.accelerator=cpu",
+    ]
     single = run_cli(["fit", "--config", str(config(world, tmp_path / "one")), *lora, "--data.batch_size=16"])
     want = {n: p.detach() for n, p in single.model.policy.merge_and_unload().state_dict().items()}
-    stderr = launch(torchrun("fit", "--config", str(config(world, tmp_path / "fsdp2", fsdp2=True)), *lora,
-                             "--config", str(ROOT / "configs" / "strategies" / "fsdp2.yaml"), "--trainer.devices=2",
-                             "--data.batch_size=8"))
+    stderr = launch(
+        torchrun(
+            "fit",
+            "--config",
+            str(config(world, tmp_path / "fsdp2", fsdp2=True)),
+            *lora,
+            "--config",
+            str(ROOT / "configs" / "strategies" / "fsdp2.yaml"),
+            "--trainer.devices=2",
+            "--data.batch_size=8",
+        )
+    )
     assert "FSDP2: sharded 2 decoder layers (LlamaDecoderLayer) over 2 ranks" in stderr
     exported = load_file(str(tmp_path / "fsdp2" / "export" / "model.safetensors"))
     start = load_file(str(world / "policy" / "model.safetensors"))
     assert exported.keys() == start.keys()  # a plain model: no adapter keys left
-    assert not torch.equal(exported["model.layers.0.self_attn.q_proj.weight"],
-                           start["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        exported["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
+    )
     for name, tensor in want.items():
         assert relative(exported[name], tensor) < 1e-3, name
 
@@ -181,8 +241,10 @@ def test_fsdp2_trains_lora_adapters_and_exports_the_merged_policy(world, tmp_pat
 def test_precompute_under_ddp_writes_a_shard_per_rank_with_the_single_process_values(ddp_cache, tmp_path):
     path, two = ddp_cache
     manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["splits"]["train"]["shards"] == ["train-00000-of-00002.safetensors",
-                                                     "train-00001-of-00002.safetensors"]
+    assert manifest["splits"]["train"]["shards"] == [
+        "train-00000-of-00002.safetensors",
+        "train-00001-of-00002.safetensors",
+    ]
     one = precompute(["--config", str(path), f"--model.init_args.cache_dir={tmp_path / 'cache_1'}"])
     cli = run_cli(["--config", str(path)], run=False)
     cli.datamodule.setup("fit")
@@ -194,12 +256,14 @@ def test_precompute_under_ddp_writes_a_shard_per_rank_with_the_single_process_va
             for value in ("delta_weak", "reference"):
                 for row in range(len(lengths)):
                     n, i, j = int(lengths[row]), int(a["offsets"][side][row]), int(b["offsets"][side][row])
-                    torch.testing.assert_close(a["values"][side][value][i:i + n], b["values"][side][value][j:j + n],
-                                               rtol=1e-5, atol=1e-6)
+                    torch.testing.assert_close(
+                        a["values"][side][value][i : i + n], b["values"][side][value][j : j + n], rtol=1e-5, atol=1e-6
+                    )
 
 
-@pytest.mark.parametrize("name, strategy", [("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy"),
-                                            ("fsdp2", "FSDP2Strategy")])
+@pytest.mark.parametrize(
+    "name, strategy", [("ddp", "DDPStrategy"), ("fsdp", "FSDPStrategy"), ("fsdp2", "FSDP2Strategy")]
+)
 def test_strategy_yamls_build_lightnings_strategies(name, strategy):
     """Parsed and instantiated as LightningCLI does (FSDP1 needs a GPU Trainer: its strategy alone here)."""
     from jsonargparse import ArgumentParser

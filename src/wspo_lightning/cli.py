@@ -21,18 +21,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("wspo_lightning.lightning_cli:main", "train a policy (WSPO, DPO or SFT) from a YAML config"),
     "validate": ("wspo_lightning.lightning_cli:main", "validate a policy (val/ metrics) from a YAML config"),
     "test": ("wspo_lightning.lightning_cli:main", "test a policy (test/ metrics) from a YAML config"),
-    "precompute": ("wspo_lightning.lightning_cli:precompute_main",
-                   "cache the frozen roles' log-probs of a fit config, so fit loads only the policy"),
-    "generate": ("wspo_lightning.decoding.command:main",
-                 "decode prompts: sampling, proxy/EFT sampling or chunk-level beam search with a weak pair"),
+    "precompute": (
+        "wspo_lightning.lightning_cli:precompute_main",
+        "cache the frozen roles' log-probs of a fit config, so fit loads only the policy",
+    ),
+    "generate": (
+        "wspo_lightning.decoding.command:main",
+        "decode prompts: sampling, proxy/EFT sampling or chunk-level beam search with a weak pair",
+    ),
     "tiny": ("wspo_lightning.tiny:main", "write tiny random models and toy data, for trying the CLI offline"),
     "demo": ("wspo_lightning.demo.command:main", "the CPU demo: weak-to-strong alignment of SmolLM2, end to end"),
     "sample": ("wspo_lightning.pipeline.sample:main", "stage: sample responses to prompts from one model"),
     "score": ("wspo_lightning.pipeline.score:main", "stage: add a gold reward to sampled responses"),
     "pairs": ("wspo_lightning.pipeline.pairs:main", "stage: preference pairs (best vs worst) from scored samples"),
     "distill": ("wspo_lightning.pipeline.distill:main", "stage: a smaller student of a model, on its own samples"),
-    "evaluate": ("wspo_lightning.pipeline.evaluate:main",
-                 "stage: gold reward, KL and diversity per row of scored samples, with intervals"),
+    "evaluate": (
+        "wspo_lightning.pipeline.evaluate:main",
+        "stage: gold reward, KL and diversity per row of scored samples, with intervals",
+    ),
     "convert": ("wspo_lightning.pipeline.convert:main", "stage: a GGUF checkpoint to a safetensors folder"),
 }
 LIGHTNING = ("fit", "validate", "test")
@@ -41,8 +47,10 @@ LIGHTNING = ("fit", "validate", "test")
 def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
-    return ("usage: wspo COMMAND [--help] [options]\n\nWeak-to-strong alignment of language models on PyTorch "
-            "Lightning.\n\ncommands:\n" + "\n".join(lines) + "\n\n`wspo COMMAND --help` lists a command's options.")
+    return (
+        "usage: wspo COMMAND [--help] [options]\n\nWeak-to-strong alignment of language models on PyTorch "
+        "Lightning.\n\ncommands:\n" + "\n".join(lines) + "\n\n`wspo COMMAND --help` lists a command's options."
+    )
 
 
 def _load(target: str):
@@ -73,8 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as err:  # a config with unknown keys or wrong types
         from wspo_lightning.lightning_cli import parser_message
 
-        print(f"wspo: error: config: {parser_message(str(err))} (wspo {name} --help lists every key)",
-              file=sys.stderr)
+        print(f"wspo: error: config: {parser_message(str(err))} (wspo {name} --help lists every key)", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"wspo: error: {err}", file=sys.stderr)

@@ -52,8 +52,9 @@ class FrozenRoles:
         return response_logps(self.models[role], input_ids, attention_mask, labels)[0]
 
     @torch.no_grad()
-    def reference_logps(self, policy: nn.Module | None, input_ids: Tensor, attention_mask: Tensor,
-                        labels: Tensor) -> Tensor:
+    def reference_logps(
+        self, policy: nn.Module | None, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+    ) -> Tensor:
         """The reference's log-probs; without a reference model, the LoRA `policy` with its adapters disabled."""
         if "reference" in self.models:
             return self.logps("reference", input_ids, attention_mask, labels)
@@ -65,5 +66,6 @@ class FrozenRoles:
     @torch.no_grad()
     def delta_weak(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
         """delta_weak(t) = l_weak_aligned(t) - l_weak_base(t), [B, T'] float32."""
-        return (self.logps("weak_aligned", input_ids, attention_mask, labels)
-                - self.logps("weak_base", input_ids, attention_mask, labels))
+        return self.logps("weak_aligned", input_ids, attention_mask, labels) - self.logps(
+            "weak_base", input_ids, attention_mask, labels
+        )

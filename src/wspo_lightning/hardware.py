@@ -22,7 +22,7 @@ ENV = "WSPO_CPU_PRECISION"
 
 
 def resolve_device(device: str | None = "auto") -> str:
-    """"auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    """ "auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
@@ -105,8 +105,10 @@ def warn_if_slow_bf16(accelerator: str, precision: str | None, dtypes: dict[str,
     asked += [f"{role}.dtype=bfloat16" for role, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked:
         return None
-    message = (f"{', '.join(asked)} on a CPU without native bfloat16: torch emulates it, 10-60x slower than "
-               "float32. Use trainer.precision: 32-true and dtype: float32 here (or set "
-               f"{ENV}=bf16 if you know better).")
+    message = (
+        f"{', '.join(asked)} on a CPU without native bfloat16: torch emulates it, 10-60x slower than "
+        "float32. Use trainer.precision: 32-true and dtype: float32 here (or set "
+        f"{ENV}=bf16 if you know better)."
+    )
     log.warning(message)
     return message

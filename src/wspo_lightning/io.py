@@ -52,8 +52,9 @@ def read_text_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             try:
                 yield number, raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise located(path, number, None, f"not valid UTF-8 (byte {err.start + 1} of the line). "
-                              "Save the file as UTF-8.") from None
+                raise located(
+                    path, number, None, f"not valid UTF-8 (byte {err.start + 1} of the line). Save the file as UTF-8."
+                ) from None
 
 
 def read_text(path: str | Path) -> str:
@@ -61,8 +62,9 @@ def read_text(path: str | Path) -> str:
     return "".join(line for _, line in read_text_lines(path))
 
 
-def read_jsonl(path: str | Path, required: Iterable[str | tuple[str, ...]] = (),
-               texts: Iterable[str] = ()) -> list[dict]:
+def read_jsonl(
+    path: str | Path, required: Iterable[str | tuple[str, ...]] = (), texts: Iterable[str] = ()
+) -> list[dict]:
     """Records of a JSONL file; a bad line or a missing field raises InputError naming file and line.
 
     A `required` entry may be a tuple of alternative names (at least one must be present). Fields in

@@ -78,10 +78,16 @@ class WSPOLightningCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path == "last":
             check_last_is_findable(self.trainer)
-        elif ckpt_path and ckpt_path not in ("best", "hpc", "registry") and "://" not in str(ckpt_path) \
-                and not Path(ckpt_path).exists():
-            raise InputError(f"ckpt_path: {ckpt_path} does not exist. Give a checkpoint file, or `last` to resume "
-                             "from the newest last checkpoint.")
+        elif (
+            ckpt_path
+            and ckpt_path not in ("best", "hpc", "registry")
+            and "://" not in str(ckpt_path)
+            and not Path(ckpt_path).exists()
+        ):
+            raise InputError(
+                f"ckpt_path: {ckpt_path} does not exist. Give a checkpoint file, or `last` to resume "
+                "from the newest last checkpoint."
+            )
 
 
 class PrecomputeCLI(WSPOLightningCLI):
@@ -112,21 +118,30 @@ def check_last_is_findable(trainer) -> None:
 
     savers = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.save_last]
     if not savers:
-        raise InputError("ckpt_path=last: no ModelCheckpoint writes a last checkpoint. Add one with save_last: true "
-                         "(and a dirpath) to trainer.callbacks, or give the checkpoint file.")
+        raise InputError(
+            "ckpt_path=last: no ModelCheckpoint writes a last checkpoint. Add one with save_last: true "
+            "(and a dirpath) to trainer.callbacks, or give the checkpoint file."
+        )
     logger = trainer.loggers[0] if trainer.loggers else None
     # CSV/TensorBoard loggers take `version`, W&B `id`: unset, every run gets a new folder
     versioned = logger is not None and all(getattr(logger, name, None) is None for name in ("_version", "_id"))
     if versioned and all(cb.dirpath is None for cb in savers):
-        raise InputError("ckpt_path=last cannot find the checkpoints of an earlier run: ModelCheckpoint has no "
-                         "dirpath, so each run saves under a new logger version folder. Set dirpath on the "
-                         "ModelCheckpoint (e.g. runs/NAME/checkpoints) for runs you want to resume, or give the "
-                         "checkpoint file.")
+        raise InputError(
+            "ckpt_path=last cannot find the checkpoints of an earlier run: ModelCheckpoint has no "
+            "dirpath, so each run saves under a new logger version folder. Set dirpath on the "
+            "ModelCheckpoint (e.g. runs/NAME/checkpoints) for runs you want to resume, or give the "
+            "checkpoint file."
+        )
 
 
-def run_cli(args: Sequence[str] | None = None, run: bool = True, exit_on_error: bool = True,
-            cli_class: type[WSPOLightningCLI] = WSPOLightningCLI, description: str | None = None,
-            prog: str | None = None) -> WSPOLightningCLI:
+def run_cli(
+    args: Sequence[str] | None = None,
+    run: bool = True,
+    exit_on_error: bool = True,
+    cli_class: type[WSPOLightningCLI] = WSPOLightningCLI,
+    description: str | None = None,
+    prog: str | None = None,
+) -> WSPOLightningCLI:
     """The LightningCLI program, usable in-process: `args` as on the command line (a subcommand first when
     `run`). `exit_on_error=False` raises jsonargparse's ArgumentError on a bad config instead of printing the
     usage and exiting (the `wspo` dispatcher turns it into one line)."""
@@ -175,12 +190,19 @@ def precompute(argv: Sequence[str], command: str | None = None) -> Path:
 
     argv = list(argv)
     # Frozen forwards need no sharding: plain data parallel ("auto": DDP on several devices).
-    cli = run_cli(argv + ["--trainer.strategy=auto", "--trainer.logger=false"], run=False, exit_on_error=False,
-                  cli_class=PrecomputeCLI, prog="wspo precompute", description=" ".join(precompute.__doc__.split("`command`")[0].split()))
+    cli = run_cli(
+        argv + ["--trainer.strategy=auto", "--trainer.logger=false"],
+        run=False,
+        exit_on_error=False,
+        cli_class=PrecomputeCLI,
+        prog="wspo precompute",
+        description=" ".join(precompute.__doc__.split("`command`")[0].split()),
+    )
     module, datamodule, trainer = cli.model, cli.datamodule, cli.trainer
     if not getattr(module, "cache_dir", None):
-        raise InputError("wspo precompute writes to model.cache_dir: set it in the config "
-                         "or pass --model.init_args.cache_dir DIR")
+        raise InputError(
+            "wspo precompute writes to model.cache_dir: set it in the config or pass --model.init_args.cache_dir DIR"
+        )
     options = cli.config.precompute
     values = module.cacheable_values(reference=options.reference)
     folder = Path(module.cache_dir)
@@ -188,12 +210,21 @@ def precompute(argv: Sequence[str], command: str | None = None) -> Path:
     if rank_zero_only.rank == 0:  # processes are not started yet: the rank comes from the launcher's environment
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(cli.parser.dump(cli.config, skip_none=False))
-    return build_cache(module, datamodule, trainer, folder, values, options.batch_size,
-                       command=command or " ".join(["wspo", "precompute", *argv]))
+    return build_cache(
+        module,
+        datamodule,
+        trainer,
+        folder,
+        values,
+        options.batch_size,
+        command=command or " ".join(["wspo", "precompute", *argv]),
+    )
 
 
-_NOISE = re.compile(r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
-                    r"Expected a <class 'NoneType'>|Problem with given class_path|Parser key )")
+_NOISE = re.compile(
+    r"^(- )?(Does not validate against any of the Union subtypes|Subtypes:|Errors:|Given value|"
+    r"Expected a <class 'NoneType'>|Problem with given class_path|Parser key )"
+)
 
 
 def parser_message(message: str) -> str:

@@ -15,8 +15,9 @@ IGNORE_INDEX = -100
 """Label of prompt and padding positions: no loss, no log-prob there."""
 
 
-def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int,
-              length: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def right_pad(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Rows `prompt + response`, right-padded to `length` (default: the longest row).
 
     Returns `input_ids`, `attention_mask` (1 on real tokens) and `labels` (the response ids, IGNORE_INDEX
@@ -28,21 +29,20 @@ def right_pad(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int
     for row, (prompt, response) in enumerate(zip(prompts, responses)):
         end = len(prompt) + len(response)
         input_ids[row, :end] = torch.tensor(list(prompt) + list(response), dtype=torch.long)
-        labels[row, len(prompt):end] = torch.tensor(list(response), dtype=torch.long)
+        labels[row, len(prompt) : end] = torch.tensor(list(response), dtype=torch.long)
         attention_mask[row, :end] = 1
     return input_ids, attention_mask, labels
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[Tensor, Tensor]:
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Left-pad token lists for generation: (input_ids [rows, width], attention_mask [rows, width], 0 on padding)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(list(row), dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(list(row), dtype=torch.long)
+            mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -87,11 +87,12 @@ def response_start(labels: Tensor) -> int:
 
 def response_mask(labels: Tensor) -> Tensor:
     """The [B, T'] mask of response tokens in the layout `response_logps` returns."""
-    return labels[:, response_start(labels):] != IGNORE_INDEX
+    return labels[:, response_start(labels) :] != IGNORE_INDEX
 
 
-def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
-                   ) -> tuple[Tensor, Tensor]:
+def response_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
     """Per-token log-probs of the response tokens: ([B, T'] float32, mask [B, T'] bool).
 
     The lm_head runs only from the batch's first response position on (`logits_to_keep`):
@@ -104,15 +105,20 @@ def response_logps(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, 
     return token_logps(logits[:, :-1], targets), targets != IGNORE_INDEX
 
 
-def summed_logps(model: nn.Module, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
-                   pad_id: int, batch_size: int = 16) -> list[float]:
+def summed_logps(
+    model: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int,
+    batch_size: int = 16,
+) -> list[float]:
     """`sum_t log pi_model(y_t | x, y_<t)` of each (prompt ids, response ids), in batches of similar length."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     out = [0.0] * len(prompts)
     device = next(model.parameters()).device
     with torch.no_grad():
         for first in range(0, len(order), batch_size):
-            rows = order[first:first + batch_size]
+            rows = order[first : first + batch_size]
             batch = right_pad([prompts[i] for i in rows], [responses[i] for i in rows], pad_id)
             logps, mask = response_logps(model, *(t.to(device) for t in batch))
             for i, total in zip(rows, torch.where(mask, logps, 0.0).sum(dim=1).tolist()):

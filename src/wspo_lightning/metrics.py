@@ -45,8 +45,9 @@ class ObjectiveMetrics:
                 n = torch.as_tensor(value.numel() if value.dim() else weight, dtype=torch.float32, device=self.device)
                 sums.append(value.sum() if value.dim() else value * n)
                 weights.append(n)
-            totals = self.trainer.strategy.reduce(torch.stack([torch.stack(sums), torch.stack(weights)]),
-                                                  reduce_op="sum")  # [2, metrics]
+            totals = self.trainer.strategy.reduce(
+                torch.stack([torch.stack(sums), torch.stack(weights)]), reduce_op="sum"
+            )  # [2, metrics]
             means = dict(zip(values, totals[0] / totals[1].clamp(min=1e-12)))
         for name, value in means.items():
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
@@ -56,4 +57,3 @@ class ObjectiveMetrics:
             metric = self.val_metrics[name.replace("/", "__")]
             metric.update(value.detach().float(), weight)
             self.log(f"{prefix}/{name}", metric, on_step=False, on_epoch=True)
-

@@ -100,20 +100,26 @@ def check_model_path(spec: ModelSpec, role: str) -> None:
     if path is None:
         return  # a hub id: transformers reports problems with it
     if not path.is_dir():
-        raise InputError(f"{role}.path: {spec.path} does not exist. Point it at a model folder "
-                         "(for a toy one: wspo tiny --out DIR).")
+        raise InputError(
+            f"{role}.path: {spec.path} does not exist. Point it at a model folder (for a toy one: wspo tiny --out DIR)."
+        )
     if spec.gguf_file:
         if not (path / spec.gguf_file).exists():
-            raise InputError(f"{role}.path: {spec.path} holds no {spec.gguf_file} (gguf_file). "
-                             "Fix gguf_file or the path.")
+            raise InputError(
+                f"{role}.path: {spec.path} holds no {spec.gguf_file} (gguf_file). Fix gguf_file or the path."
+            )
         return
     if not (path / "config.json").exists():
-        raise InputError(f"{role}.path: {spec.path} holds no config.json; expected a folder written by "
-                         "save_pretrained (config.json + safetensors weights).")
+        raise InputError(
+            f"{role}.path: {spec.path} holds no config.json; expected a folder written by "
+            "save_pretrained (config.json + safetensors weights)."
+        )
     if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
-        raise InputError(f"{role}.path: {spec.path} holds pickle weights (*.bin) but no *.safetensors; wspo never "
-                         "unpickles weights. If you trust the file, convert it once: AutoModelForCausalLM."
-                         "from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR).")
+        raise InputError(
+            f"{role}.path: {spec.path} holds pickle weights (*.bin) but no *.safetensors; wspo never "
+            "unpickles weights. If you trust the file, convert it once: AutoModelForCausalLM."
+            "from_pretrained(DIR, use_safetensors=False).save_pretrained(NEW_DIR)."
+        )
 
 
 def _check_quantization_packages(spec: ModelSpec, role: str | None = None) -> None:
@@ -122,8 +128,10 @@ def _check_quantization_packages(spec: ModelSpec, role: str | None = None) -> No
     missing = [name for name in ("bitsandbytes", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         where = f"{role}.quantization" if role else f"model {spec.path}: quantization"
-        raise InputError(f"{where}={spec.quantization} needs {' and '.join(missing)}: "
-                         f"pip install {' '.join(missing)} (or set quantization: none)")
+        raise InputError(
+            f"{where}={spec.quantization} needs {' and '.join(missing)}: "
+            f"pip install {' '.join(missing)} (or set quantization: none)"
+        )
 
 
 def _quantization_config(spec: ModelSpec):
@@ -134,8 +142,12 @@ def _quantization_config(spec: ModelSpec):
 
     if spec.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=spec.torch_dtype,
-                              bnb_4bit_use_double_quant=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=spec.torch_dtype,
+        bnb_4bit_use_double_quant=True,
+    )
 
 
 def load_tokenizer(source: ModelSpec | str, trust_remote_code: bool = False, role: str = "tokenizer"):
@@ -150,21 +162,30 @@ def load_tokenizer(source: ModelSpec | str, trust_remote_code: bool = False, rol
     spec = source if isinstance(source, ModelSpec) else ModelSpec(path=str(source), trust_remote_code=trust_remote_code)
     folder = _local_folder(spec.path)
     if folder is not None and not folder.is_dir():
-        raise InputError(f"{role}: {spec.path} does not exist. Point it at a folder holding tokenizer files "
-                         "(tokenizer.json, tokenizer_config.json), such as a model folder (under wspo fit: "
-                         "model.policy.path).")
+        raise InputError(
+            f"{role}: {spec.path} does not exist. Point it at a folder holding tokenizer files "
+            "(tokenizer.json, tokenizer_config.json), such as a model folder (under wspo fit: "
+            "model.policy.path)."
+        )
     _note_remote_code(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.path, revision=spec.revision, gguf_file=spec.gguf_file,
-                                                  trust_remote_code=spec.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            spec.path, revision=spec.revision, gguf_file=spec.gguf_file, trust_remote_code=spec.trust_remote_code
+        )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{role}: cannot load a tokenizer from {spec.path} ({first_line}). Give a folder holding "
-                         "tokenizer files (tokenizer.json, tokenizer_config.json) or a hub id.") from None
+        raise InputError(
+            f"{role}: cannot load a tokenizer from {spec.path} ({first_line}). Give a folder holding "
+            "tokenizer files (tokenizer.json, tokenizer_config.json) or a hub id."
+        ) from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
-        _once(f"pad:{spec.path}", "tokenizer %s has no pad token: padding with eos %r (labels mask padding, "
-              "so eos is still learned)", spec.path, tokenizer.eos_token)
+        _once(
+            f"pad:{spec.path}",
+            "tokenizer %s has no pad token: padding with eos %r (labels mask padding, so eos is still learned)",
+            spec.path,
+            tokenizer.eos_token,
+        )
     return tokenizer
 
 
@@ -180,8 +201,7 @@ def _once(key: str, message: str, *args: object) -> None:
 
 def _note_remote_code(spec: ModelSpec) -> None:
     if spec.trust_remote_code:
-        _once(f"remote:{spec.path}", "trust_remote_code is on for %s: Python code shipped with it will run",
-              spec.path)
+        _once(f"remote:{spec.path}", "trust_remote_code is on for %s: Python code shipped with it will run", spec.path)
 
 
 def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | str | None = None) -> nn.Module:
@@ -193,8 +213,12 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
 
     quantization_config = _quantization_config(spec)
     _note_remote_code(spec)
-    kwargs = dict(dtype=spec.torch_dtype, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
-                  attn_implementation=spec.attn_implementation)
+    kwargs = dict(
+        dtype=spec.torch_dtype,
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        attn_implementation=spec.attn_implementation,
+    )
     if spec.gguf_file:
         kwargs["gguf_file"] = spec.gguf_file
     else:
@@ -214,8 +238,10 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
     if spec.lora is not None:
         model = _add_lora(model, spec)
     elif quantization_config is not None:
-        raise InputError(f"policy {spec.path}: a quantized policy trains only through LoRA adapters (QLoRA); "
-                         "add a `lora:` block or set quantization: none")
+        raise InputError(
+            f"policy {spec.path}: a quantized policy trains only through LoRA adapters (QLoRA); "
+            "add a `lora:` block or set quantization: none"
+        )
     return model
 
 
@@ -240,8 +266,13 @@ def _add_lora(model: nn.Module, spec: ModelSpec) -> nn.Module:
     if spec.quantization != "none":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     lora = spec.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -264,7 +295,8 @@ def check_same_vocabulary(tokenizers: Mapping[str, object]) -> None:
             f"the tokenizers of {first_role} and {role} differ ({len(vocab)} vs {len(other)} tokens; "
             f"e.g. {only_first} of {first_role} is not in {role}). Token-level WSPO needs one vocabulary: "
             "use a weak pair from the strong model's family, or test-time decoding (wspo generate), "
-            "which re-tokenises text.")
+            "which re-tokenises text."
+        )
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -88,8 +88,9 @@ class Renderer:
             stored with an equal fingerprint are the ids this renderer would train on.
     """
 
-    def __init__(self, tokenizer: Any, use_chat_template: bool = True, prompt_template: str = "{prompt}",
-                 name: str | None = None) -> None:
+    def __init__(
+        self, tokenizer: Any, use_chat_template: bool = True, prompt_template: str = "{prompt}", name: str | None = None
+    ) -> None:
         if "{prompt}" not in prompt_template:
             raise InputError(f"prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the prompt text.")
         self.tokenizer = tokenizer
@@ -98,8 +99,10 @@ class Renderer:
         self.prompt_template = prompt_template
         self.end_of_turn = self._find_end_of_turn() if self.chat else tokenizer.eos_token_id
         if self.end_of_turn is None:
-            raise InputError(f"tokenizer {self.name} has no eos token, so responses cannot end. "
-                             "Set eos_token in its tokenizer_config.json.")
+            raise InputError(
+                f"tokenizer {self.name} has no eos token, so responses cannot end. "
+                "Set eos_token in its tokenizer_config.json."
+            )
         mode = "chat" if self.chat else f"plain:{prompt_template}"
         self.fingerprint = hashlib.sha256(f"{tokenizer_fingerprint(tokenizer)}|{mode}".encode()).hexdigest()
 
@@ -107,8 +110,7 @@ class Renderer:
     def prompt_text(self, prompt: Prompt) -> str:
         """The prompt as the model sees it, ending where the response begins."""
         if self.chat:
-            return self.tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True,
-                                                      tokenize=False)
+            return self.tokenizer.apply_chat_template(as_messages(prompt), add_generation_prompt=True, tokenize=False)
         return self.prompt_template.format(prompt=plain_text(prompt))
 
     def prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
@@ -120,14 +122,19 @@ class Renderer:
         ids = self.tokenizer(texts, add_special_tokens=not self.chat)["input_ids"]
         for i, row in enumerate(ids):
             if not row:
-                raise InputError(f"prompt {i} is empty after tokenisation by {self.name}: a model needs at least "
-                                 "one prompt token")
+                raise InputError(
+                    f"prompt {i} is empty after tokenisation by {self.name}: a model needs at least one prompt token"
+                )
         return [list(row) for row in ids]
 
     # ---- responses ---------------------------------------------------------------------------------
-    def response_ids(self, prompts: Sequence[Prompt], responses: Sequence[str],
-                     finished: bool | Sequence[bool] = True,
-                     prompt_ids: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+    def response_ids(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[str],
+        finished: bool | Sequence[bool] = True,
+        prompt_ids: Sequence[Sequence[int]] | None = None,
+    ) -> list[list[int]]:
         """Token ids of each response after its prompt: ending with the end-of-turn when `finished`,
         without it when the response was cut. `prompt_ids` (of `prompt_ids(prompts)`) saves re-rendering."""
         if not responses:
@@ -137,19 +144,23 @@ class Renderer:
             ids = self.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
             return [list(row) + ([self.end_of_turn] if done else []) for row, done in zip(ids, finished)]
         prompt_ids = prompt_ids if prompt_ids is not None else self.prompt_ids(prompts)
-        texts = [self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}],
-                                                    tokenize=False) for p, r in zip(prompts, responses)]
+        texts = [
+            self.tokenizer.apply_chat_template(as_messages(p) + [{"role": "assistant", "content": r}], tokenize=False)
+            for p, r in zip(prompts, responses)
+        ]
         whole = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out = []
         for prompt, conversation, done in zip(prompt_ids, whole, finished):
             self._check_prefix(prompt, conversation)
-            turn = list(conversation[len(prompt):])
+            turn = list(conversation[len(prompt) :])
             end = len(turn) - 1 - turn[::-1].index(self.end_of_turn) if self.end_of_turn in turn else None
             if end is None:
-                raise InputError(f"tokenizer {self.name}: the chat template rendered an assistant turn without its "
-                                 f"end-of-turn token {self.tokenizer.convert_ids_to_tokens(self.end_of_turn)!r}. "
-                                 "Set data.use_chat_template: false, or fix the template.")
-            out.append(turn[:end + 1] if done else turn[:end])
+                raise InputError(
+                    f"tokenizer {self.name}: the chat template rendered an assistant turn without its "
+                    f"end-of-turn token {self.tokenizer.convert_ids_to_tokens(self.end_of_turn)!r}. "
+                    "Set data.use_chat_template: false, or fix the template."
+                )
+            out.append(turn[: end + 1] if done else turn[:end])
         return out
 
     def stop_ids(self, model: Any = None) -> list[int]:
@@ -166,16 +177,17 @@ class Renderer:
 
     # ---- checks ------------------------------------------------------------------------------------
     def _check_prefix(self, prompt: Sequence[int], conversation: Sequence[int]) -> None:
-        if list(conversation[:len(prompt)]) == list(prompt):
+        if list(conversation[: len(prompt)]) == list(prompt):
             return
         shared = next((i for i, (a, b) in enumerate(zip(prompt, conversation)) if a != b), len(prompt))
-        tail = self.tokenizer.decode(list(prompt[shared:shared + 8]))
-        there = self.tokenizer.decode(list(conversation[shared:shared + 8]))
+        tail = self.tokenizer.decode(list(prompt[shared : shared + 8]))
+        there = self.tokenizer.decode(list(conversation[shared : shared + 8]))
         raise InputError(
             f"tokenizer {self.name}: its chat template renders the whole conversation without the prompt's "
             f"rendering as a prefix (at token {shared} the prompt has {tail!r}, the conversation {there!r}), so "
             "the response's tokens cannot be told apart. Set data.use_chat_template: false (with a "
-            "prompt_template), or use a template whose generation prompt starts the assistant turn.")
+            "prompt_template), or use a template whose generation prompt starts the assistant turn."
+        )
 
     def _find_end_of_turn(self) -> int:
         """The template's end-of-turn: the first special token it writes after an assistant message's text."""
@@ -184,13 +196,15 @@ class Renderer:
         text = self.tokenizer.apply_chat_template(probe + [{"role": "assistant", "content": answer}], tokenize=False)
         conversation = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         self._check_prefix(prompt, conversation)
-        turn = conversation[len(prompt):]
-        after = next((i + 1 for i in range(len(turn)) if answer in self.tokenizer.decode(turn[:i + 1])), 0)
+        turn = conversation[len(prompt) :]
+        after = next((i + 1 for i in range(len(turn)) if answer in self.tokenizer.decode(turn[: i + 1])), 0)
         special = _special_ids(self.tokenizer)
         ends = [i for i in turn[after:] if i in special]
         if not ends:
             suffix = self.tokenizer.decode(turn)
-            raise InputError(f"tokenizer {self.name}: its chat template renders an assistant turn as {suffix!r}, with "
-                             "no special token to end it, so generation could never stop there. Add the end-of-turn "
-                             "token to the template, or set data.use_chat_template: false.")
+            raise InputError(
+                f"tokenizer {self.name}: its chat template renders an assistant turn as {suffix!r}, with "
+                "no special token to end it, so generation could never stop there. Add the end-of-turn "
+                "token to the template, or set data.use_chat_template: false."
+            )
         return ends[0]

@@ -29,8 +29,9 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 
-def shard_policy(model: nn.Module, device_mesh, precision: str | None = None,
-                 reshard_after_forward: bool = True) -> nn.Module:
+def shard_policy(
+    model: nn.Module, device_mesh, precision: str | None = None, reshard_after_forward: bool = True
+) -> nn.Module:
     """`fully_shard` each decoder layer, then the whole model, over the mesh's data-parallel dimension.
 
     With `precision` "bf16-mixed" parameters are all-gathered and computed in bf16 and gradients
@@ -39,26 +40,33 @@ def shard_policy(model: nn.Module, device_mesh, precision: str | None = None,
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if "tensor_parallel" in (device_mesh.mesh_dim_names or ()) and device_mesh["tensor_parallel"].size() > 1:
-        raise InputError("the policy is sharded with FSDP2 only (no tensor-parallel plan): set the strategy's "
-                         "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
-                         "or use wspo_lightning.strategies.FSDP2Strategy")
+        raise InputError(
+            "the policy is sharded with FSDP2 only (no tensor-parallel plan): set the strategy's "
+            "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
+            "or use wspo_lightning.strategies.FSDP2Strategy"
+        )
     if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
-        raise InputError("a bitsandbytes-quantized policy (QLoRA) cannot be sharded with FSDP2: use DDP "
-                         "(configs/strategies/ddp.yaml), or a float policy")
+        raise InputError(
+            "a bitsandbytes-quantized policy (QLoRA) cannot be sharded with FSDP2: use DDP "
+            "(configs/strategies/ddp.yaml), or a float policy"
+        )
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if precision is not None and precision.startswith("bf16-mixed"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     classes = decoder_layer_classes(model)
     if not classes:
-        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit",
-                    type(model).__name__)
+        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit", type(model).__name__)
     layers = [m for m in model.modules() if type(m) in classes]
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
-    log.info("FSDP2: sharded %d decoder layers (%s) over %d ranks", len(layers),
-             ", ".join(sorted(c.__name__ for c in classes)), mesh.size())
+    log.info(
+        "FSDP2: sharded %d decoder layers (%s) over %d ranks",
+        len(layers),
+        ", ".join(sorted(c.__name__ for c in classes)),
+        mesh.size(),
+    )
     return model
 
 
@@ -76,12 +84,20 @@ class FSDP2Strategy(ModelParallelStrategy):
         timeout: collective timeout.
     """
 
-    def __init__(self, data_parallel_size: Literal["auto"] | int = "auto",
-                 save_distributed_checkpoint: bool = True, process_group_backend: str | None = None,
-                 timeout: timedelta | None = default_pg_timeout) -> None:
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint,
-                         process_group_backend=process_group_backend, timeout=timeout)
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

@@ -49,15 +49,32 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
 # tokenizer itself adds a BOS.
 SHAPES = {
     # SmolLM2-like: ChatML, and eos is the end-of-turn <|im_end|>
-    "chatml": dict(special=SPECIAL_TOKENS, eos="<|im_end|>", bos="<|endoftext|>", pad="<pad>",
-                   template=CHATML_TEMPLATE, add_bos=False),
+    "chatml": dict(
+        special=SPECIAL_TOKENS,
+        eos="<|im_end|>",
+        bos="<|endoftext|>",
+        pad="<pad>",
+        template=CHATML_TEMPLATE,
+        add_bos=False,
+    ),
     # Qwen2 base: ChatML turns end with <|im_end|>, but eos is <|endoftext|>
-    "qwen2_base": dict(special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|endoftext|>", bos=None,
-                       pad="<|endoftext|>", template=QWEN2_TEMPLATE, add_bos=False),
+    "qwen2_base": dict(
+        special=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        eos="<|endoftext|>",
+        bos=None,
+        pad="<|endoftext|>",
+        template=QWEN2_TEMPLATE,
+        add_bos=False,
+    ),
     # Llama 3: turns end with <|eot_id|>, eos is <|end_of_text|>, the tokenizer adds <|begin_of_text|>
-    "llama3": dict(special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                            "<|eot_id|>"], eos="<|end_of_text|>", bos="<|begin_of_text|>", pad=None,
-                   template=LLAMA3_TEMPLATE, add_bos=True),
+    "llama3": dict(
+        special=["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        eos="<|end_of_text|>",
+        bos="<|begin_of_text|>",
+        pad=None,
+        template=LLAMA3_TEMPLATE,
+        add_bos=True,
+    ),
     # no chat template, a BOS added by the tokenizer (Llama 2 base style)
     "plain": dict(special=["<s>", "</s>", "<unk>"], eos="</s>", bos="<s>", pad=None, template=None, add_bos=True),
 }
@@ -70,12 +87,12 @@ _TAILS = ["from start to finish.", "and I would say so again.", "in every scene.
 
 def _sentences(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [
-        f"{rng.choice(_SUBJECTS)} {rng.choice(_GOOD + _BAD)} {rng.choice(_TAILS)}" for _ in range(n)
-    ]
+    return [f"{rng.choice(_SUBJECTS)} {rng.choice(_GOOD + _BAD)} {rng.choice(_TAILS)}" for _ in range(n)]
 
 
-def build_tokenizer(vocab_size: int = 300, chat_template: bool = True, shape: str = "chatml") -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab_size: int = 300, chat_template: bool = True, shape: str = "chatml"
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer of one of the `SHAPES` on a small built-in corpus (deterministic).
 
     `chat_template=False` (chatml shape only): no template and eos <|endoftext|>."""
@@ -94,12 +111,17 @@ def build_tokenizer(vocab_size: int = 300, chat_template: bool = True, shape: st
     tok.train_from_iterator(_sentences(400, seed=0) + ["user assistant system\n"], trainer=trainer)
     if spec["add_bos"]:
         bos = spec["bos"]
-        tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                           special_tokens=[(bos, tok.token_to_id(bos))])
-    names = {"eos_token": "<|endoftext|>" if shape == "chatml" else spec["eos"], "bos_token": spec["bos"],
-             "pad_token": spec["pad"]}
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048,
-                                   **{k: v for k, v in names.items() if v is not None})
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+        )
+    names = {
+        "eos_token": "<|endoftext|>" if shape == "chatml" else spec["eos"],
+        "bos_token": spec["bos"],
+        "pad_token": spec["pad"],
+    }
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=2048, **{k: v for k, v in names.items() if v is not None}
+    )
     if spec["template"] and chat_template:
         fast.chat_template = spec["template"]
         fast.eos_token = spec["eos"]
@@ -122,18 +144,34 @@ def build_tiny_model(
     )
     if arch == "llama":
         config = LlamaConfig(
-            hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     elif arch == "qwen2":
         config = Qwen2Config(
-            hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, **common,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **common,
         )
     elif arch == "gpt2":
         config = GPT2Config(
-            n_embd=hidden_size, n_layer=num_layers, n_head=4, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **common,
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}: expected llama, qwen2 or gpt2")
@@ -141,8 +179,14 @@ def build_tiny_model(
     return AutoModelForCausalLM.from_config(config)
 
 
-def write_tiny_model(out_dir: str | Path, arch: str = "llama", seed: int = 0, num_layers: int = 2,
-                     hidden_size: int = 32, tokenizer: PreTrainedTokenizerFast | None = None) -> Path:
+def write_tiny_model(
+    out_dir: str | Path,
+    arch: str = "llama",
+    seed: int = 0,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+) -> Path:
     """Write a tiny random model and its tokenizer to `out_dir` (loadable by `from_pretrained`)."""
     out = Path(out_dir)
     tokenizer = tokenizer or build_tokenizer()
@@ -158,15 +202,15 @@ def preference_records(n: int, seed: int = 0) -> list[dict]:
     records = []
     for i in range(n):
         subject = rng.choice(_SUBJECTS)
-        records.append({
-            "id": f"toy-{seed}-{i}",
-            "prompt": f"Write one line about {subject.lower()}.",
-            "chosen": f"{subject} {rng.choice(_GOOD)} {rng.choice(_TAILS)}",
-            "rejected": f"{subject} {rng.choice(_BAD)} {rng.choice(_TAILS)}",
-        })
+        records.append(
+            {
+                "id": f"toy-{seed}-{i}",
+                "prompt": f"Write one line about {subject.lower()}.",
+                "chosen": f"{subject} {rng.choice(_GOOD)} {rng.choice(_TAILS)}",
+                "rejected": f"{subject} {rng.choice(_BAD)} {rng.choice(_TAILS)}",
+            }
+        )
     return records
-
-
 
 
 def write_tiny_world(out_dir: str | Path, arch: str = "llama", n_train: int = 64, n_val: int = 16) -> Path:

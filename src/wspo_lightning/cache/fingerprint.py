@@ -15,8 +15,17 @@ from wspo_lightning.models import ModelSpec
 # spec fields that change a frozen model's log-probs (not LoRA or gradient checkpointing: policy-only)
 SPEC_FIELDS = ("path", "dtype", "quantization", "attn_implementation", "revision", "gguf_file", "trust_remote_code")
 _SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json", ".jinja", ".model")
-_NAMES = ("config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-          "chat_template.json", "vocab.json", "merges.txt", "added_tokens.json")
+_NAMES = (
+    "config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
@@ -60,8 +69,11 @@ def model_fingerprint(spec: ModelSpec, known: dict | None = None) -> dict:
         stat = path.stat()
         old = known_files.get(path.name)
         same = old is not None and old["size"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
-        files[path.name] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                            "sha256": old["sha256"] if same else sha256_file(path)}
+        files[path.name] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": old["sha256"] if same else sha256_file(path),
+        }
     return {"spec": spec_fields, "files": files}
 
 
@@ -98,10 +110,12 @@ def describe(objective: Any, datamodule: Any, values: Sequence[str], known: dict
     return {
         "values": sorted(values),
         "models": {role: model_fingerprint(spec, known.get(role)) for role, spec in roles.items()},
-        "data": {"tokenizer": getattr(datamodule, "tokenizer_path", None),
-                 "max_length": getattr(datamodule, "max_length", None),
-                 "use_chat_template": getattr(datamodule, "use_chat_template", None),
-                 "prompt_template": getattr(datamodule, "prompt_template", None),
-                 "renderer": getattr(renderer, "fingerprint", None)},
+        "data": {
+            "tokenizer": getattr(datamodule, "tokenizer_path", None),
+            "max_length": getattr(datamodule, "max_length", None),
+            "use_chat_template": getattr(datamodule, "use_chat_template", None),
+            "prompt_template": getattr(datamodule, "prompt_template", None),
+            "renderer": getattr(renderer, "fingerprint", None),
+        },
         "splits": splits,
     }

@@ -76,8 +76,16 @@ def side_items(features: Sequence[dict], sides: Sequence[str]) -> list[dict]:
         for side in sides:
             response = f[f"{side}_ids"]
             if response is not None:
-                items.append({"index": f["index"], "id": f["id"], "prompt_ids": f["prompt_ids"],
-                              "chosen_ids": response, "rejected_ids": None, "side": side})
+                items.append(
+                    {
+                        "index": f["index"],
+                        "id": f["id"],
+                        "prompt_ids": f["prompt_ids"],
+                        "chosen_ids": response,
+                        "rejected_ids": None,
+                        "side": side,
+                    }
+                )
     return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + len(it["chosen_ids"])))
 
 
@@ -87,22 +95,42 @@ def _collate_items(items: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def build_cache(objective: Any, datamodule: Any, trainer: pl.Trainer, folder: str | Path, values: Sequence[str],
-                batch_size: int | None = None, command: str | None = None) -> Path:
+def build_cache(
+    objective: Any,
+    datamodule: Any,
+    trainer: pl.Trainer,
+    folder: str | Path,
+    values: Sequence[str],
+    batch_size: int | None = None,
+    command: str | None = None,
+) -> Path:
     """Compute `values` of `objective` (a PreferenceModule) on the training and validation data of `datamodule`
     with `trainer`, and write the cache to `folder` (see `cache.store`). `command`: how to rebuild it, kept in
     the manifest for the message that refuses a stale cache."""
     folder = Path(folder)
     datamodule.setup("predict")
-    manifest = {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "objective": type(objective).__name__, "dtype": "float32", "precision": str(trainer.precision),
-                "command": command, **describe(objective, datamodule, values)}
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "objective": type(objective).__name__,
+        "dtype": "float32",
+        "precision": str(trainer.precision),
+        "command": command,
+        **describe(objective, datamodule, values),
+    }
     features = data_features(datamodule)
     splits = list(manifest["splits"])
     pad = datamodule.tokenizer.pad_token_id
-    loaders = [DataLoader(side_items(features[s], manifest["splits"][s]["sides"]), shuffle=False,
-                          batch_size=batch_size or datamodule.eval_batch_size,
-                          collate_fn=partial(_collate_items, pad_token_id=pad)) for s in splits]
+    loaders = [
+        DataLoader(
+            side_items(features[s], manifest["splits"][s]["sides"]),
+            shuffle=False,
+            batch_size=batch_size or datamodule.eval_batch_size,
+            collate_fn=partial(_collate_items, pad_token_id=pad),
+        )
+        for s in splits
+    ]
     folder.mkdir(parents=True, exist_ok=True)
     clear_cache(folder)
     trainer.callbacks.append(CacheWriter(folder, splits, manifest))
@@ -110,6 +138,11 @@ def build_cache(objective: Any, datamodule: Any, trainer: pl.Trainer, folder: st
     trainer.predict(PrecomputeModule(objective, values), dataloaders=loaders, return_predictions=False)
     if trainer.is_global_zero:
         counts = ", ".join(f"{s}: {len(features[s])} records" for s in splits)
-        log.info("wrote the logps cache %s (%s; %s) in %.1f s", folder, ", ".join(values), counts,
-                 time.perf_counter() - start)
+        log.info(
+            "wrote the logps cache %s (%s; %s) in %.1f s",
+            folder,
+            ", ".join(values),
+            counts,
+            time.perf_counter() - start,
+        )
     return folder

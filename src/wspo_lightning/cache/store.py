@@ -75,21 +75,31 @@ class LogpsCache:
         for split, current in now["splits"].items():
             cached = m["splits"].get(split)
             if cached is None:
-                raise InputError(f"{where} holds no {split!r} split, but the data has {current['records']} "
-                                 f"{split} records. {rebuild}")
+                raise InputError(
+                    f"{where} holds no {split!r} split, but the data has {current['records']} "
+                    f"{split} records. {rebuild}"
+                )
             if cached["fingerprint"] != current["fingerprint"]:
-                counts = (f"{cached['records']} records then, {current['records']} now"
-                          if cached["records"] != current["records"] else
-                          f"the same {current['records']} records, but other ids or tokens")
-                settings = [f"data.{key}: {m['data'].get(key)!r} then, {value!r} now"
-                            for key, value in now["data"].items() if m["data"].get(key) != value]
+                counts = (
+                    f"{cached['records']} records then, {current['records']} now"
+                    if cached["records"] != current["records"]
+                    else f"the same {current['records']} records, but other ids or tokens"
+                )
+                settings = [
+                    f"data.{key}: {m['data'].get(key)!r} then, {value!r} now"
+                    for key, value in now["data"].items()
+                    if m["data"].get(key) != value
+                ]
                 why = "; ".join(settings) or "the data file or the tokenizer changed"
-                raise InputError(f"{where}: the {split} data changed since the cache was made ({counts}; {why}). "
-                                 f"{rebuild}")
+                raise InputError(
+                    f"{where}: the {split} data changed since the cache was made ({counts}; {why}). {rebuild}"
+                )
             lacking = [s for s in current["sides"] if s not in cached["sides"]]
             if lacking:
-                raise InputError(f"{where} holds only the {cached['sides']} responses of {split}, this run needs "
-                                 f"{current['sides']} (train_on_rejected?). {rebuild}")
+                raise InputError(
+                    f"{where} holds only the {cached['sides']} responses of {split}, this run needs "
+                    f"{current['sides']} (train_on_rejected?). {rebuild}"
+                )
 
     def _load_split(self, split: str) -> None:
         """Merge the shards of `split`: per side, each record's length and offset into one values tensor.
@@ -107,8 +117,10 @@ class LogpsCache:
         for name in info["shards"]:
             path = self.folder / name
             if not path.exists():
-                raise InputError(f"logps cache {self.folder}: shard {name} is missing. Rebuild the cache: "
-                                 f"{self.manifest.get('command') or REBUILD}")
+                raise InputError(
+                    f"logps cache {self.folder}: shard {name} is missing. Rebuild the cache: "
+                    f"{self.manifest.get('command') or REBUILD}"
+                )
             shard = load_file(str(path))
             for side in info["sides"]:
                 length = shard[f"{side}.length"]  # [records in the shard]
@@ -122,8 +134,10 @@ class LogpsCache:
                     values[side][v].append(shard[f"{side}.{v}"])
         missing = int((lengths["chosen"] < 0).sum())
         if missing:
-            raise InputError(f"logps cache {self.folder}: {missing} {split} records have no cached values. "
-                             f"Rebuild the cache: {self.manifest.get('command') or REBUILD}")
+            raise InputError(
+                f"logps cache {self.folder}: {missing} {split} records have no cached values. "
+                f"Rebuild the cache: {self.manifest.get('command') or REBUILD}"
+            )
         merged = {side: {v: torch.cat(parts) for v, parts in d.items()} for side, d in values.items()}
         self._splits[split] = {"lengths": lengths, "offsets": offsets, "values": merged}
 
@@ -148,11 +162,13 @@ class LogpsCache:
                     raise InputError(f"logps cache {self.folder}: {split} record {row} has no cached {side} response")
                 lengths.append(n)
                 for v in self.values:
-                    pieces[v].append(data["values"][side][v][start:start + n])
+                    pieces[v].append(data["values"][side][v][start : start + n])
         expected = torch.tensor(lengths, device=mask.device)
         if not torch.equal(mask.sum(dim=1), expected):
-            raise InputError(f"logps cache {self.folder}: a {split} batch's response lengths "
-                             f"{mask.sum(dim=1).tolist()} differ from the cached {lengths}. Rebuild the cache.")
+            raise InputError(
+                f"logps cache {self.folder}: a {split} batch's response lengths "
+                f"{mask.sum(dim=1).tolist()} differ from the cached {lengths}. Rebuild the cache."
+            )
         out = {}
         for v, parts in pieces.items():
             padded = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)  # [rows, T']
@@ -164,16 +180,19 @@ class LogpsCache:
 def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     if not path.exists():
-        raise InputError(f"model.cache_dir={folder}: no logps cache there ({MANIFEST} missing). "
-                         f"Build it with: {REBUILD}")
+        raise InputError(
+            f"model.cache_dir={folder}: no logps cache there ({MANIFEST} missing). Build it with: {REBUILD}"
+        )
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise InputError(f"{path}: not a readable manifest ({err}). Rebuild the cache with wspo precompute.") from None
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise InputError(f"{path}: format {manifest.get('format')!r} v{manifest.get('version')}, expected "
-                         f"{FORMAT!r} v{VERSION} (this version also pins the renderer and tokenizer files). "
-                         f"Rebuild it: {manifest.get('command') or REBUILD}")
+        raise InputError(
+            f"{path}: format {manifest.get('format')!r} v{manifest.get('version')}, expected "
+            f"{FORMAT!r} v{VERSION} (this version also pins the renderer and tokenizer files). "
+            f"Rebuild it: {manifest.get('command') or REBUILD}"
+        )
     return manifest
 
 
@@ -185,19 +204,24 @@ def _compare_model(where: str, role: str, then: dict, now: dict, rebuild: str) -
     path = then["spec"]["path"]
     if then["files"] is None or now["files"] is None:
         if then["files"] is not None or now["spec"]["path"] != path:
-            raise InputError(f"{where}: cannot verify the weights of {role} ({now['spec']['path']}): no local "
-                             f"files to hash. {rebuild}")
+            raise InputError(
+                f"{where}: cannot verify the weights of {role} ({now['spec']['path']}): no local "
+                f"files to hash. {rebuild}"
+            )
         log.warning("%s: %s (%s) is a hub id without local files: its weights are not verified", where, role, path)
         return
     for name in sorted(set(then["files"]) | set(now["files"])):
         a, b = then["files"].get(name), now["files"].get(name)
         if a is None or b is None:
             change = "appeared in" if a is None else "disappeared from"
-            raise InputError(f"{where}: {role} changed since the cache was made ({name} {change} "
-                             f"{now['spec']['path']}). {rebuild}")
+            raise InputError(
+                f"{where}: {role} changed since the cache was made ({name} {change} {now['spec']['path']}). {rebuild}"
+            )
         if a["sha256"] != b["sha256"]:
-            raise InputError(f"{where}: {role} changed since the cache was made ({now['spec']['path']}/{name}: "
-                             f"sha256 {a['sha256'][:12]}... then, {b['sha256'][:12]}... now). {rebuild}")
+            raise InputError(
+                f"{where}: {role} changed since the cache was made ({now['spec']['path']}/{name}: "
+                f"sha256 {a['sha256'][:12]}... then, {b['sha256'][:12]}... now). {rebuild}"
+            )
 
 
 def shard_name(split: str, rank: int, world_size: int) -> str:
@@ -213,8 +237,15 @@ class CacheWriter(pl.Callback):
         self.folder, self.splits, self.manifest = folder, splits, manifest
         self.parts: dict[str, list[dict]] = {split: [] for split in splits}
 
-    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         outputs = {k: v.detach().cpu() if isinstance(v, Tensor) else v for k, v in outputs.items()}
         self.parts[self.splits[dataloader_idx]].append({**outputs, "sides": batch["sides"]})
 
@@ -230,18 +261,22 @@ class CacheWriter(pl.Callback):
                 starts = torch.cumsum(part["length"], 0) - part["length"]
                 for row, (index, side) in enumerate(zip(part["index"].tolist(), part["sides"])):
                     start, n = int(starts[row]), int(part["length"][row])
-                    per_record.setdefault(index, {})[side] = {v: part[v][start:start + n] for v in values}
+                    per_record.setdefault(index, {})[side] = {v: part[v][start : start + n] for v in values}
             indices = sorted(per_record)
             tensors = {"index": torch.tensor(indices, dtype=torch.long)}
             for side in sides:
                 got = [per_record[i].get(side) for i in indices]
                 tensors[f"{side}.length"] = torch.tensor(
-                    [-1 if g is None else len(g[values[0]]) for g in got], dtype=torch.long)
+                    [-1 if g is None else len(g[values[0]]) for g in got], dtype=torch.long
+                )
                 for v in values:
                     parts = [g[v] for g in got if g is not None]
                     tensors[f"{side}.{v}"] = torch.cat(parts).float() if parts else torch.zeros(0)
-            save_file(tensors, str(self.folder / shard_name(split, rank, world)),
-                      metadata={"split": split, "rank": str(rank), "world_size": str(world)})
+            save_file(
+                tensors,
+                str(self.folder / shard_name(split, rank, world)),
+                metadata={"split": split, "rank": str(rank), "world_size": str(world)},
+            )
         trainer.strategy.barrier("wspo-precompute-shards")
         if trainer.is_global_zero:
             manifest = dict(self.manifest)
@@ -258,5 +293,3 @@ def clear_cache(folder: Path) -> None:
     (folder / MANIFEST).unlink(missing_ok=True)
     for path in folder.glob("*-of-*.safetensors"):
         path.unlink(missing_ok=True)
-
-

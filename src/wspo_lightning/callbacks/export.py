@@ -18,8 +18,9 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.tensor import DTensor
 
-    return (any(isinstance(p, DTensor) for p in model.parameters())
-            or any(isinstance(m, FullyShardedDataParallel) for m in model.modules()))
+    return any(isinstance(p, DTensor) for p in model.parameters()) or any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:

@@ -43,8 +43,12 @@ class NonFiniteGuard(pl.Callback):
         max_consecutive_skips: with "skip_batch", stop after this many skipped steps in a row.
     """
 
-    def __init__(self, action: Literal["stop", "skip_batch"] = "stop", check_gradients: bool = True,
-                 max_consecutive_skips: int = 10) -> None:
+    def __init__(
+        self,
+        action: Literal["stop", "skip_batch"] = "stop",
+        check_gradients: bool = True,
+        max_consecutive_skips: int = 10,
+    ) -> None:
         if action not in ("stop", "skip_batch"):
             raise InputError(f"NonFiniteGuard.action must be stop or skip_batch, got {action!r}")
         if max_consecutive_skips < 1:
@@ -55,8 +59,9 @@ class NonFiniteGuard(pl.Callback):
         self._batch: tuple[int, int, list] = (0, 0, [])  # epoch, batch index, record ids of the last micro-batch
         self._consecutive = 0
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         ids = list(batch.get("ids", [])) if isinstance(batch, dict) else []
         self._batch = (trainer.current_epoch, batch_idx, ids)
 
@@ -91,8 +96,13 @@ class NonFiniteGuard(pl.Callback):
             self.skipped_steps.append(trainer.global_step)
             for p in params:
                 p.grad = None  # the optimizer skips parameters without a gradient: no update, no state change
-            _warn("%s at global step %d (%s): skipped the optimizer step (%d in a row)", problem,
-                  trainer.global_step, self._where(), self._consecutive)
+            _warn(
+                "%s at global step %d (%s): skipped the optimizer step (%d in a row)",
+                problem,
+                trainer.global_step,
+                self._where(),
+                self._consecutive,
+            )
             return
         raise TrainingStopped(self._stop_message(trainer, problem))
 
@@ -106,17 +116,26 @@ class NonFiniteGuard(pl.Callback):
             problem += f" for {self.max_consecutive_skips} optimizer steps in a row"
         step = trainer.global_step
         checkpoint = _last_checkpoint(trainer)
-        saved = (f"the last checkpoint is {checkpoint[0]} (step {checkpoint[1]}): resume from it with "
-                 "--ckpt_path last, e.g. with a lower learning rate" if checkpoint else "no checkpoint was written yet")
-        return (f"training stopped at global step {step} ({self._where()}): {problem}. The optimizer step was not "
-                f"taken, so the weights are those after {step} optimizer steps; {saved}. To skip such batches "
-                "instead, set NonFiniteGuard(action: skip_batch).")
+        saved = (
+            f"the last checkpoint is {checkpoint[0]} (step {checkpoint[1]}): resume from it with "
+            "--ckpt_path last, e.g. with a lower learning rate"
+            if checkpoint
+            else "no checkpoint was written yet"
+        )
+        return (
+            f"training stopped at global step {step} ({self._where()}): {problem}. The optimizer step was not "
+            f"taken, so the weights are those after {step} optimizer steps; {saved}. To skip such batches "
+            "instead, set NonFiniteGuard(action: skip_batch)."
+        )
 
 
 def _last_checkpoint(trainer: pl.Trainer) -> tuple[str, int] | None:
     """(path, global step) of the checkpoint a ModelCheckpoint wrote last in this run, if any."""
-    saved = [(cb.last_model_path or cb.best_model_path, getattr(cb, "_last_global_step_saved", -1))
-             for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint)]
+    saved = [
+        (cb.last_model_path or cb.best_model_path, getattr(cb, "_last_global_step_saved", -1))
+        for cb in trainer.checkpoint_callbacks
+        if isinstance(cb, ModelCheckpoint)
+    ]
     saved = [(path, step) for path, step in saved if path and os.path.exists(path)]
     return max(saved, key=lambda item: item[1]) if saved else None
 

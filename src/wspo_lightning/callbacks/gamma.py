@@ -33,9 +33,16 @@ class GammaSchedule(pl.Callback):
         factor: multiplier (step).
     """
 
-    def __init__(self, kind: Literal["constant", "linear_warmup", "cosine", "step"] = "constant",
-                 value: float = 1.0, start: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
-                 every: int = 100, factor: float = 2.0) -> None:
+    def __init__(
+        self,
+        kind: Literal["constant", "linear_warmup", "cosine", "step"] = "constant",
+        value: float = 1.0,
+        start: float = 0.0,
+        warmup_steps: int = 0,
+        total_steps: int | None = None,
+        every: int = 100,
+        factor: float = 2.0,
+    ) -> None:
         if kind not in ("constant", "linear_warmup", "cosine", "step"):
             raise InputError(f"GammaSchedule.kind must be constant, linear_warmup, cosine or step, got {kind!r}")
         for name, number in (("value", value), ("start", start), ("factor", factor)):
@@ -60,15 +67,26 @@ class GammaSchedule(pl.Callback):
         gamma = self.start * self.factor ** (step // self.every)
         return min(gamma, self.value) if self.factor >= 1 else max(gamma, self.value)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "value": self.value, "start": self.start, "warmup_steps": self.warmup_steps,
-                "total_steps": self.total_steps, "every": self.every, "factor": self.factor}
+        return {
+            "kind": self.kind,
+            "value": self.value,
+            "start": self.start,
+            "warmup_steps": self.warmup_steps,
+            "total_steps": self.total_steps,
+            "every": self.every,
+            "factor": self.factor,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict != self.state_dict():
-            log.warning("GammaSchedule differs from the checkpoint's (%s); following the new one: %s",
-                        state_dict, self.state_dict())
+            log.warning(
+                "GammaSchedule differs from the checkpoint's (%s); following the new one: %s",
+                state_dict,
+                self.state_dict(),
+            )

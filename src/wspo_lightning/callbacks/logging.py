@@ -40,16 +40,24 @@ class RewardMarginLogger(pl.Callback):
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._rewards = {}
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
-                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         for name, values in (outputs or {}).items():
             self._rewards.setdefault(name, []).append(values.detach().float())
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._rewards or trainer.sanity_checking:
             return
-        rewards = {name: pl_module.all_gather(torch.cat(parts)).reshape(-1).cpu()
-                   for name, parts in self._rewards.items()}
+        rewards = {
+            name: pl_module.all_gather(torch.cat(parts)).reshape(-1).cpu() for name, parts in self._rewards.items()
+        }
         if not trainer.is_global_zero:
             return
         metrics: dict[str, float] = {}
@@ -66,9 +74,10 @@ class RewardMarginLogger(pl.Callback):
         for logger in _wandb_loggers(trainer):
             import wandb
 
-            logger.experiment.log({f"val/hist/{name}": wandb.Histogram(values.numpy())
-                                   for name, values in histograms.items()} | {"trainer/global_step":
-                                                                              trainer.global_step})
+            logger.experiment.log(
+                {f"val/hist/{name}": wandb.Histogram(values.numpy()) for name, values in histograms.items()}
+                | {"trainer/global_step": trainer.global_step}
+            )
 
 
 class SampleTable(pl.Callback):
@@ -110,8 +119,9 @@ class SampleTable(pl.Callback):
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
         self.history += rows
         for logger in _wandb_loggers(trainer):
-            logger.log_table(key="val/samples", columns=self.columns,
-                             data=[[r[c] for c in self.columns] for r in self.history])
+            logger.log_table(
+                key="val/samples", columns=self.columns, data=[[r[c] for c in self.columns] for r in self.history]
+            )
 
     def _complete(self, pl_module: pl.LightningModule, renderer: Renderer, prompts: list) -> list[dict]:
         tokenizer = renderer.tokenizer
@@ -122,9 +132,14 @@ class SampleTable(pl.Callback):
         input_ids, attention_mask = left_pad(prompt_ids, pad, pl_module.device)
         was_training = policy.training
         policy.eval()
-        generated = policy.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
-                                    pad_token_id=pad, eos_token_id=stop)
+        generated = policy.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=self.do_sample,
+            pad_token_id=pad,
+            eos_token_id=stop,
+        )
         policy.train(was_training)
         width = input_ids.shape[1]
         completion_ids = generated[:, width:]  # [B, new]
@@ -137,5 +152,7 @@ class SampleTable(pl.Callback):
         if hasattr(pl_module, "weak_reward"):  # scored right-padded, as in training (no left-padding offsets)
             rows = right_pad(prompt_ids, responses, pad)
             rewards = pl_module.weak_reward(*(t.to(pl_module.device) for t in rows)).tolist()
-        return [{"prompt": plain_text(p), "completion": c, "finished": f, "weak_reward": r}
-                for p, c, f, r in zip(prompts, completions, finished, rewards)]
+        return [
+            {"prompt": plain_text(p), "completion": c, "finished": f, "weak_reward": r}
+            for p, c, f, r in zip(prompts, completions, finished, rewards)
+        ]

@@ -7,6 +7,15 @@ from wspo_lightning.data.records import ACCEPTED_FORMATS, load_records, normalis
 from wspo_lightning.data.tokenize import collate, tokenize_record, tokenize_records
 
 __all__ = [
-    "ACCEPTED_FORMATS", "LoaderPosition", "PreferenceDataModule", "ResumableDataLoader", "SeededSampler",
-    "collate", "load_records", "normalise_record", "split_records", "tokenize_record", "tokenize_records",
+    "ACCEPTED_FORMATS",
+    "LoaderPosition",
+    "PreferenceDataModule",
+    "ResumableDataLoader",
+    "SeededSampler",
+    "collate",
+    "load_records",
+    "normalise_record",
+    "split_records",
+    "tokenize_record",
+    "tokenize_records",
 ]

@@ -25,8 +25,9 @@ class SeededSampler(DistributedSampler):
     `set_epoch` each epoch, and `ResumableDataLoader` continues the order mid-epoch after a resume.
     """
 
-    def __init__(self, lengths: Sequence[int], seed: int, group_size: int | None = None, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+    def __init__(
+        self, lengths: Sequence[int], seed: int, group_size: int | None = None, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         # DistributedSampler.__init__ would query torch.distributed: set its attributes directly.
@@ -39,10 +40,10 @@ class SeededSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(len(self.lengths), generator=generator).tolist()
         if self.group_size:
-            groups = [order[i:i + self.group_size] for i in range(0, len(order), self.group_size)]
+            groups = [order[i : i + self.group_size] for i in range(0, len(order), self.group_size)]
             order = [i for group in groups for i in sorted(group, key=lambda i: -self.lengths[i])]
-        order += (order * math.ceil(self.total_size / max(len(order), 1)))[:self.total_size - len(order)]
-        return iter(order[self.rank:self.total_size:self.num_replicas])
+        order += (order * math.ceil(self.total_size / max(len(order), 1)))[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 @dataclass
@@ -145,5 +146,3 @@ class _LazyCountingIterator:
         batch = next(self.iterator)
         self.loader.position.batches += 1
         return batch
-
-

@@ -54,21 +54,37 @@ class PreferenceDataModule(pl.LightningDataModule):
         group_by_length: batch records of similar length (sorted within groups of 50 batches).
     """
 
-    def __init__(self, train_path: str, tokenizer: str, val_path: str | None = None, val_fraction: float = 0.1,
-                 test_path: str | None = None, max_length: int = 512, batch_size: int = 8,
-                 eval_batch_size: int | None = None, num_workers: int = 0, use_chat_template: bool = True,
-                 prompt_template: str = "{prompt}", seed: int = 0, trust_remote_code: bool = False,
-                 group_by_length: bool = False) -> None:
+    def __init__(
+        self,
+        train_path: str,
+        tokenizer: str,
+        val_path: str | None = None,
+        val_fraction: float = 0.1,
+        test_path: str | None = None,
+        max_length: int = 512,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        use_chat_template: bool = True,
+        prompt_template: str = "{prompt}",
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        group_by_length: bool = False,
+    ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
             raise InputError(f"data.val_fraction={val_fraction}: expected a number in [0, 1).")
-        for name, value in (("max_length", max_length), ("batch_size", batch_size),
-                            ("eval_batch_size", eval_batch_size or 1)):
+        for name, value in (
+            ("max_length", max_length),
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size or 1),
+        ):
             if value < 1:
                 raise InputError(f"data.{name}={value}: expected a positive integer.")
         if "{prompt}" not in prompt_template:
-            raise InputError(f"data.prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the "
-                             "prompt text.")
+            raise InputError(
+                f"data.prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the prompt text."
+            )
         self.train_path, self.tokenizer_path, self.val_path, self.test_path = train_path, tokenizer, val_path, test_path
         self.val_fraction, self.max_length, self.seed = val_fraction, max_length, seed
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
@@ -95,20 +111,29 @@ class PreferenceDataModule(pl.LightningDataModule):
                 _info("no validation data (val_path unset, val_fraction=0): validation is skipped")
         test = held_out(load_records(self.test_path, split="test"), train, "test") if self.test_path else []
         if len(train) < self.batch_size:
-            raise located(self.train_path, None, None, f"the train split holds {len(train)} records, fewer than "
-                          f"one batch (batch_size={self.batch_size}). Add records or lower batch_size"
-                          + ("." if self.val_path else " or val_fraction."))
+            raise located(
+                self.train_path,
+                None,
+                None,
+                f"the train split holds {len(train)} records, fewer than "
+                f"one batch (batch_size={self.batch_size}). Add records or lower batch_size"
+                + ("." if self.val_path else " or val_fraction."),
+            )
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
         renderer = Renderer(tokenizer, self.use_chat_template, self.prompt_template, name=self.tokenizer_path)
         if not renderer.chat and self.use_chat_template:
-            _warn("the tokenizer has no chat template (%s): prompts use the plain template %r instead "
-                  "(set data.prompt_template; use_chat_template: false silences this)",
-                  self.tokenizer_path, self.prompt_template)
+            _warn(
+                "the tokenizer has no chat template (%s): prompts use the plain template %r instead "
+                "(set data.prompt_template; use_chat_template: false silences this)",
+                self.tokenizer_path,
+                self.prompt_template,
+            )
         elif not renderer.chat:
             _info("prompts use the plain template %r (use_chat_template is off)", self.prompt_template)
         splits = {"train": train, "val": val, "test": test}
-        self.features = {split: tokenize_records(records, renderer, self.max_length)
-                         for split, records in splits.items()}
+        self.features = {
+            split: tokenize_records(records, renderer, self.max_length) for split, records in splits.items()
+        }
         stats = {split: sum(f["truncated"] for f in feats) for split, feats in self.features.items()}
         stats.update(truncated=sum(stats.values()), total=sum(map(len, splits.values())), max_length=self.max_length)
         if stats["truncated"]:
@@ -122,8 +147,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"] or ())) for f in features]
         ranks = {}  # data-parallel ranks, from the strategy as Lightning's own samplers get them
         if self.trainer is not None and self.trainer.world_size > 1:
-            ranks = {k: v for k, v in self.trainer.strategy.distributed_sampler_kwargs.items()
-                     if k in ("num_replicas", "rank")}
+            ranks = {
+                k: v
+                for k, v in self.trainer.strategy.distributed_sampler_kwargs.items()
+                if k in ("num_replicas", "rank")
+            }
         sampler = SeededSampler(lengths, self.seed, 50 * self.batch_size if self.group_by_length else None, **ranks)
         return self._loader(features, self.batch_size, sampler, position=self.train_position)
 
@@ -137,12 +165,18 @@ class PreferenceDataModule(pl.LightningDataModule):
         features = self.features["test"] if self.test_path else self.features["val"]
         return self._loader(features, self.eval_batch_size, None) if features else []
 
-    def _loader(self, features: list[dict], batch_size: int, sampler: Sampler | None,
-                position: LoaderPosition | None = None) -> DataLoader:
-        kwargs = dict(batch_size=batch_size, sampler=sampler, shuffle=False,
-                      collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
-                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                      pin_memory=torch.cuda.is_available())
+    def _loader(
+        self, features: list[dict], batch_size: int, sampler: Sampler | None, position: LoaderPosition | None = None
+    ) -> DataLoader:
+        kwargs = dict(
+            batch_size=batch_size,
+            sampler=sampler,
+            shuffle=False,
+            collate_fn=partial(collate, pad_token_id=self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
         if position is None:
             return DataLoader(features, **kwargs)
         return ResumableDataLoader(features, position=position, **kwargs)

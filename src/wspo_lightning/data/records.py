@@ -49,8 +49,13 @@ def load_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     for where, default_id, raw in rows:
         record = normalise_record(raw, where, default_id)
         if record["id"] in seen:
-            raise located(where, None, "id", f"duplicate id {record['id']!r} (first at {seen[record['id']]}). "
-                          "Give every record a unique id, or remove the duplicate.")
+            raise located(
+                where,
+                None,
+                "id",
+                f"duplicate id {record['id']!r} (first at {seen[record['id']]}). "
+                "Give every record a unique id, or remove the duplicate.",
+            )
         seen[record["id"]] = where
         records.append(record)
     return records
@@ -69,20 +74,27 @@ def _read_rows(path: Path, split: str | Sequence[str] | None) -> list[tuple[str,
             try:
                 rows.append((f"{path}:{n}", f"{path.name}:{n}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise located(path, n, None, f"invalid JSON at column {err.colno}: {err.msg}. "
-                              "Fix the line or remove it.") from None
+                raise located(
+                    path, n, None, f"invalid JSON at column {err.colno}: {err.msg}. Fix the line or remove it."
+                ) from None
         return rows
     if suffix == ".json":
         try:
             data = json.loads(read_text(path))
         except json.JSONDecodeError as err:
-            raise located(path, err.lineno, None, f"invalid JSON at column {err.colno}: {err.msg}. "
-                          "Fix the file.") from None
+            raise located(
+                path, err.lineno, None, f"invalid JSON at column {err.colno}: {err.msg}. Fix the file."
+            ) from None
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise located(path, None, None, f'expected a list of records or {{"data": [...]}}, got {_describe(data)}. '
-                          "Fix the file, or write one record per line as .jsonl.")
+            raise located(
+                path,
+                None,
+                None,
+                f'expected a list of records or {{"data": [...]}}, got {_describe(data)}. '
+                "Fix the file, or write one record per line as .jsonl.",
+            )
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -91,8 +103,13 @@ def _read_rows(path: Path, split: str | Sequence[str] | None) -> list[tuple[str,
         except Exception as err:  # pyarrow raises several types for a broken file
             raise located(path, None, None, f"cannot read as Parquet ({err}). Rewrite the file.") from None
     else:
-        raise located(path, None, None, f"unsupported file type {suffix!r}: use .jsonl, .json, .parquet "
-                      "or a directory written by datasets' save_to_disk.")
+        raise located(
+            path,
+            None,
+            None,
+            f"unsupported file type {suffix!r}: use .jsonl, .json, .parquet "
+            "or a directory written by datasets' save_to_disk.",
+        )
     return [(f"{path}:record {i}", f"{path.name}:{i}", raw) for i, raw in enumerate(data)]
 
 
@@ -102,16 +119,26 @@ def _read_saved_dataset(path: Path, split: str | Sequence[str] | None) -> list[t
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # not a saved dataset: datasets raises FileNotFoundError or others
-        raise located(path, None, None, f"is a directory but not a dataset written by save_to_disk ({err}). "
-                      "Give a .jsonl/.json/.parquet file or a save_to_disk directory.") from None
+        raise located(
+            path,
+            None,
+            None,
+            f"is a directory but not a dataset written by save_to_disk ({err}). "
+            "Give a .jsonl/.json/.parquet file or a save_to_disk directory.",
+        ) from None
     name = None
     if isinstance(ds, datasets.DatasetDict):
         wanted = [split] if isinstance(split, str) else list(split or [])
         present = [s for s in wanted if s in ds] if wanted else list(ds)
         if not present or (not wanted and len(present) > 1):
             asked = f"none of them {wanted}" if wanted else "and no split was named"
-            raise located(path, None, None, f"the saved DatasetDict has splits {sorted(ds)}, {asked}. "
-                          "Save only the split you mean, or name it 'train' / 'validation'.")
+            raise located(
+                path,
+                None,
+                None,
+                f"the saved DatasetDict has splits {sorted(ds)}, {asked}. "
+                "Save only the split you mean, or name it 'train' / 'validation'.",
+            )
         name = present[0]
         ds = ds[name]
     tag = f"[{name}]" if name else ""
@@ -143,10 +170,16 @@ def normalise_record(raw: Any, where: str, default_id: str) -> dict:
             prompt, chosen = _text(raw, "prompt", where), _text(raw, key, where)
         sampled = {"chosen": key}
     else:
-        raise located(where, None, None, f"unknown record format with fields {sorted(raw)}; "
-                      f"accepted: {ACCEPTED_FORMATS}. {_FIX}")
-    record = {"id": _record_id(raw, where, default_id), "source": where,
-              "prompt": prompt, "chosen": chosen, "rejected": rejected}
+        raise located(
+            where, None, None, f"unknown record format with fields {sorted(raw)}; accepted: {ACCEPTED_FORMATS}. {_FIX}"
+        )
+    record = {
+        "id": _record_id(raw, where, default_id),
+        "source": where,
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+    }
     for side in ("chosen", "rejected"):
         prefix = sampled.get(side)
         flag = "finished" if prefix in ("response", "completion") else f"{prefix}_finished"
@@ -172,8 +205,7 @@ def _ids(raw: dict, field: str, where: str) -> list[int] | None:
     value = raw.get(field)
     if value is None:
         return None
-    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
-                                              for i in value):
+    if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value):
         raise _expected(where, field, "a list of token ids (non-negative integers)", value)
     return value
 
@@ -185,11 +217,20 @@ def _conversational_pair(raw: dict, where: str) -> tuple[list[dict], str, str]:
     responses = _assistant(chosen, "chosen", where), _assistant(rejected, "rejected", where)
     prompt = prefix + chosen[:-1]
     if not prompt:
-        raise _expected(where, "chosen", "a conversation of a prompt and the assistant response "
-                        "(at least 2 messages, or a 'prompt' list beside it)", raw["chosen"])
+        raise _expected(
+            where,
+            "chosen",
+            "a conversation of a prompt and the assistant response (at least 2 messages, or a 'prompt' list beside it)",
+            raw["chosen"],
+        )
     if prefix + rejected[:-1] != prompt:
-        raise located(where, None, "rejected", "expected the same messages as 'chosen' before the last "
-                      f"(assistant) message, but they differ. Make both share the prompt. {_FIX}")
+        raise located(
+            where,
+            None,
+            "rejected",
+            "expected the same messages as 'chosen' before the last "
+            f"(assistant) message, but they differ. Make both share the prompt. {_FIX}",
+        )
     return prompt, *responses
 
 
@@ -221,8 +262,9 @@ def _assistant(messages: list[dict], field: str, where: str) -> str:
     """The last message, which must be the assistant's response; returns its text."""
     last = len(messages) - 1
     if messages[last]["role"] != "assistant":
-        raise _expected(where, f"{field}[{last}].role", "'assistant' (the response is the last message)",
-                        messages[last]["role"])
+        raise _expected(
+            where, f"{field}[{last}].role", "'assistant' (the response is the last message)", messages[last]["role"]
+        )
     return messages[last]["content"]
 
 
@@ -252,8 +294,10 @@ def split_records(records: list[dict], val_fraction: float, seed: int) -> tuple[
     """Hold out `val_fraction` of records (at least one when > 0) chosen by `seed`; both keep file order."""
     n_val = max(1, round(len(records) * val_fraction)) if val_fraction > 0 else 0
     held_out = set(random.Random(seed).sample(range(len(records)), n_val))
-    return ([r for i, r in enumerate(records) if i not in held_out],
-            [r for i, r in enumerate(records) if i in held_out])
+    return (
+        [r for i, r in enumerate(records) if i not in held_out],
+        [r for i, r in enumerate(records) if i in held_out],
+    )
 
 
 def held_out(records: list[dict], train: list[dict], kind: str) -> list[dict]:
@@ -261,6 +305,11 @@ def held_out(records: list[dict], train: list[dict], kind: str) -> list[dict]:
     train_ids = {r["id"]: r["source"] for r in train}
     for record in records:
         if record["id"] in train_ids:
-            raise located(record["source"], None, "id", f"id {record['id']!r} is also in the training data "
-                          f"({train_ids[record['id']]}). Keep {kind} records out of training.")
+            raise located(
+                record["source"],
+                None,
+                "id",
+                f"id {record['id']!r} is also in the training data "
+                f"({train_ids[record['id']]}). Keep {kind} records out of training.",
+            )
     return records

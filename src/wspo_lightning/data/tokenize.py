@@ -15,8 +15,9 @@ from wspo_lightning.render import Renderer
 log = logging.getLogger(__name__)
 
 
-def tokenize_records(records: Sequence[dict], renderer: Renderer, max_length: int,
-                     chunk_size: int = 1024) -> list[dict]:
+def tokenize_records(
+    records: Sequence[dict], renderer: Renderer, max_length: int, chunk_size: int = 1024
+) -> list[dict]:
     """Records of `load_records` -> features `{index, id, prompt_ids, chosen_ids, rejected_ids | None, truncated}`.
 
     Prompt and responses are rendered by `renderer` (a finished response ends with the end-of-turn, a cut one
@@ -27,7 +28,7 @@ def tokenize_records(records: Sequence[dict], renderer: Renderer, max_length: in
     """
     features, reused, stale = [], 0, 0
     for start in range(0, len(records), chunk_size):
-        chunk = records[start:start + chunk_size]
+        chunk = records[start : start + chunk_size]
         prompts = renderer.prompt_ids([r["prompt"] for r in chunk])
         responses: dict[str, list[list[int] | None]] = {}
         for side in ("chosen", "rejected"):
@@ -42,9 +43,12 @@ def tokenize_records(records: Sequence[dict], renderer: Renderer, max_length: in
                 else:
                     stale += kept is not None
                     todo.append(i)
-            rendered = renderer.response_ids([chunk[i]["prompt"] for i in todo], [chunk[i][side] for i in todo],
-                                             [chunk[i].get(f"{side}_finished", True) for i in todo],
-                                             prompt_ids=[prompts[i] for i in todo])
+            rendered = renderer.response_ids(
+                [chunk[i]["prompt"] for i in todo],
+                [chunk[i][side] for i in todo],
+                [chunk[i].get(f"{side}_finished", True) for i in todo],
+                prompt_ids=[prompts[i] for i in todo],
+            )
             for i, row in zip(todo, rendered):
                 ids[i] = row
             responses[side] = ids
@@ -52,8 +56,12 @@ def tokenize_records(records: Sequence[dict], renderer: Renderer, max_length: in
             feature = _truncate(record, prompts[i], responses["chosen"][i], responses["rejected"][i], max_length)
             features.append({"index": start + i, "id": record["id"], **feature})
     if reused or stale:
-        log.info("responses: %d as sampled (token ids kept), %d rendered again from text (sampled by another "
-                 "tokenizer or template)", reused, stale)
+        log.info(
+            "responses: %d as sampled (token ids kept), %d rendered again from text (sampled by another "
+            "tokenizer or template)",
+            reused,
+            stale,
+        )
     return features
 
 
@@ -62,20 +70,27 @@ def tokenize_record(record: dict, renderer: Renderer, max_length: int) -> dict:
     return tokenize_records([record], renderer, max_length)[0]
 
 
-def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list[int] | None,
-              max_length: int) -> dict:
+def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list[int] | None, max_length: int) -> dict:
     longest = max(len(chosen), len(rejected or ()))
     truncated = len(prompt) + longest > max_length
     if truncated:
-        prompt = prompt[-max(1, max_length - longest):]
+        prompt = prompt[-max(1, max_length - longest) :]
         room = max_length - len(prompt)
         if room < 1:
-            raise located(record["source"], None, "chosen", f"the response is empty after truncation to "
-                          f"max_length={max_length}. Raise max_length.")
+            raise located(
+                record["source"],
+                None,
+                "chosen",
+                f"the response is empty after truncation to max_length={max_length}. Raise max_length.",
+            )
         chosen, rejected = chosen[:room], None if rejected is None else rejected[:room]
     if not chosen:
-        raise located(record["source"], None, "chosen", "the response has no tokens (an empty response that was "
-                      "cut before its end-of-turn). Remove the record.")
+        raise located(
+            record["source"],
+            None,
+            "chosen",
+            "the response has no tokens (an empty response that was cut before its end-of-turn). Remove the record.",
+        )
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
 
 
@@ -87,10 +102,12 @@ def collate(features: Sequence[dict], pad_token_id: int) -> dict:
     length = max(len(f["prompt_ids"]) + len(f[f"{side}_ids"]) for f in features for side in sides)
     batch: dict[str, Any] = {}
     for side in sides:
-        input_ids, attention_mask, labels = right_pad([f["prompt_ids"] for f in features],
-                                                      [f[f"{side}_ids"] for f in features], pad_token_id, length)
-        batch.update({f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask,
-                      f"{side}_labels": labels})
+        input_ids, attention_mask, labels = right_pad(
+            [f["prompt_ids"] for f in features], [f[f"{side}_ids"] for f in features], pad_token_id, length
+        )
+        batch.update(
+            {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask, f"{side}_labels": labels}
+        )
     batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
     batch["ids"] = [f["id"] for f in features]
     return batch

@@ -5,6 +5,12 @@ from wspo_lightning.decoding.proxy import proxy_logits, proxy_sample, sample
 from wspo_lightning.decoding.scorer import WeakPairScorer, WeakPairState
 
 __all__ = [
-    "CBSResult", "ChunkRecord", "WeakPairScorer", "WeakPairState",
-    "chunk_beam_search", "proxy_logits", "proxy_sample", "sample",
+    "CBSResult",
+    "ChunkRecord",
+    "WeakPairScorer",
+    "WeakPairState",
+    "chunk_beam_search",
+    "proxy_logits",
+    "proxy_sample",
+    "sample",
 ]

@@ -65,8 +65,11 @@ class ChunkRecord:
 
 
 def check_search(beam_width: int, num_continuations: int, chunk_length: int) -> None:
-    for name, value in (("beam_width (W)", beam_width), ("num_continuations (K)", num_continuations),
-                        ("chunk_length (L)", chunk_length)):
+    for name, value in (
+        ("beam_width (W)", beam_width),
+        ("num_continuations (K)", num_continuations),
+        ("chunk_length (L)", chunk_length),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
@@ -123,8 +126,18 @@ def chunk_beam_search(
     weak_renderer = as_renderer(weak_tokenizer, chat_template) if weak_tokenizer is not None else strong_renderer
     if rescore_text is None:
         rescore_text = weak_renderer.tokenizer.get_vocab() != strong_renderer.tokenizer.get_vocab()
-    search = _Search(strong, strong_renderer, WeakPairScorer(weak_aligned, weak_base, weak_renderer), prompts,
-                     beam_width, num_continuations, eos_token_id, stop_strings, rescore_text, reuse_cache)
+    search = _Search(
+        strong,
+        strong_renderer,
+        WeakPairScorer(weak_aligned, weak_base, weak_renderer),
+        prompts,
+        beam_width,
+        num_continuations,
+        eos_token_id,
+        stop_strings,
+        rescore_text,
+        reuse_cache,
+    )
     generator = generator if generator is not None else make_generator(seed, search.device)
     while search.length < max_new_tokens and not search.all_done:
         search.expand()
@@ -138,8 +151,19 @@ def chunk_beam_search(
 class _Search:
     """The state of one CBS run over B prompts: B * W beam rows, B * W * K while sampling a chunk."""
 
-    def __init__(self, strong, renderer: Renderer, scorer: WeakPairScorer, prompts, W: int, K: int, eos_token_id,
-                 stop_strings, rescore_text: bool, reuse_cache: bool) -> None:
+    def __init__(
+        self,
+        strong,
+        renderer: Renderer,
+        scorer: WeakPairScorer,
+        prompts,
+        W: int,
+        K: int,
+        eos_token_id,
+        stop_strings,
+        rescore_text: bool,
+        reuse_cache: bool,
+    ) -> None:
         self.tokenizer, self.scorer, self.prompts = renderer.tokenizer, scorer, list(prompts)
         self.W, self.K, self.B = W, K, len(prompts)
         self.rescore_text, self.reuse_cache, self.stop_strings = rescore_text, reuse_cache, list(stop_strings)
@@ -234,8 +258,13 @@ class _Search:
         keep = (torch.arange(self.B)[:, None] * self.W * self.K + order).flatten()
         if trace is not None:
             n = self.W * self.K
-            trace.append(ChunkRecord(responses=[responses[b * n: (b + 1) * n] for b in range(self.B)],
-                                     scores=per_prompt.tolist(), kept=order.tolist()))
+            trace.append(
+                ChunkRecord(
+                    responses=[responses[b * n : (b + 1) * n] for b in range(self.B)],
+                    scores=per_prompt.tolist(),
+                    kept=order.tolist(),
+                )
+            )
         self.scores = scores
         self._select(keep.to(self.device))
 
@@ -245,7 +274,13 @@ class _Search:
         for b, prompt in enumerate(self.prompts):
             row = b * self.W  # rows are sorted best first after every round
             text = self.tokenizer.decode(responses[row], skip_special_tokens=True)
-            out.append(CBSResult(prompt=prompt, completion=truncate_at_stop(text, self.stop_strings),
-                                 token_ids=responses[row], score=float(self.scores[row]),
-                                 finished=bool(self.ended_at[row] >= 0)))
+            out.append(
+                CBSResult(
+                    prompt=prompt,
+                    completion=truncate_at_stop(text, self.stop_strings),
+                    token_ids=responses[row],
+                    score=float(self.scores[row]),
+                    finished=bool(self.ended_at[row] >= 0),
+                )
+            )
         return out

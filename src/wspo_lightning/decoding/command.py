@@ -108,8 +108,14 @@ class GenerateConfig:
     """cpu, cuda, cuda:1, ... (null: cuda when available)."""
 
     def __post_init__(self) -> None:
-        positive = {"beam_width": " (W)", "num_continuations": " (K)", "chunk_length": " (L)",
-                    "max_new_tokens": "", "batch_size": "", "best_of": " (N)"}
+        positive = {
+            "beam_width": " (W)",
+            "num_continuations": " (K)",
+            "chunk_length": " (L)",
+            "max_new_tokens": "",
+            "batch_size": "",
+            "best_of": " (N)",
+        }
         for name, letter in positive.items():
             if getattr(self, name) < 1:
                 raise InputError(f"generate: {name}{letter} must be >= 1, got {getattr(self, name)}")
@@ -128,15 +134,24 @@ class GenerateConfig:
 
     def settings(self) -> dict:
         """The decoding settings written next to every output line."""
-        out = {"method": self.method, "strong": self.strong.path,
-               "weak_base": self.weak_base.path if self.weak_base else None,
-               "weak_aligned": self.weak_aligned.path if self.weak_aligned else None,
-               "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-               "max_new_tokens": self.max_new_tokens, "stop": self.stop, "seed": self.seed,
-               "chat_template": self.chat_template, "prompt_template": self.prompt_template}
+        out = {
+            "method": self.method,
+            "strong": self.strong.path,
+            "weak_base": self.weak_base.path if self.weak_base else None,
+            "weak_aligned": self.weak_aligned.path if self.weak_aligned else None,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "max_new_tokens": self.max_new_tokens,
+            "stop": self.stop,
+            "seed": self.seed,
+            "chat_template": self.chat_template,
+            "prompt_template": self.prompt_template,
+        }
         if self.method == "cbs":
-            out.update(beam_width=self.beam_width, num_continuations=self.num_continuations,
-                       chunk_length=self.chunk_length)
+            out.update(
+                beam_width=self.beam_width, num_continuations=self.num_continuations, chunk_length=self.chunk_length
+            )
         if self.method == "proxy":
             out["alpha"] = self.alpha
         if self.method == "bon":
@@ -176,16 +191,24 @@ def generate(config: GenerateConfig) -> list[dict]:
     out = []
     with tqdm(total=len(records), desc=f"generate ({config.method})", unit="prompt", dynamic_ncols=True) as bar:
         for first in range(0, len(records), config.batch_size):
-            batch = records[first: first + config.batch_size]
+            batch = records[first : first + config.batch_size]
             prompts = [r["prompt"] for r in batch]
             generations = decoder(prompts)
-            rewards = (reward(prompts, [g.completion for g in generations]) if reward is not None
-                       else [None] * len(batch))
+            rewards = (
+                reward(prompts, [g.completion for g in generations]) if reward is not None else [None] * len(batch)
+            )
             for record, g, value in zip(batch, generations, rewards):
                 row = {"id": record["id"]} if "id" in record else {}
-                row.update(prompt=record["prompt"], completion=g.completion, score=g.score, finished=g.finished,
-                           response_ids=g.token_ids, num_tokens=len(g.token_ids), logp=g.logp,
-                           tokenizer_fingerprint=decoder.renderer.fingerprint)
+                row.update(
+                    prompt=record["prompt"],
+                    completion=g.completion,
+                    score=g.score,
+                    finished=g.finished,
+                    response_ids=g.token_ids,
+                    num_tokens=len(g.token_ids),
+                    logp=g.logp,
+                    tokenizer_fingerprint=decoder.renderer.fingerprint,
+                )
                 if reward is not None:
                     row["reward"] = float(value)
                 row["settings"] = settings

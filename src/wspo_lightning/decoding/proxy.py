@@ -93,8 +93,9 @@ def proxy_sample(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     generator = generator if generator is not None else make_generator(seed, device)
 
-    logits = [state.prefill(input_ids.to(state.device), attention_mask.to(state.device))
-              for state in states]  # each [prompts, vocab]
+    logits = [
+        state.prefill(input_ids.to(state.device), attention_mask.to(state.device)) for state in states
+    ]  # each [prompts, vocab]
     if num_samples > 1:
         repeat = torch.arange(input_ids.shape[0], device=device).repeat_interleave(num_samples)
         for state in states:
@@ -110,8 +111,11 @@ def proxy_sample(
         warped = warp(scores, temperature, top_p, top_k)
         token = draw(warped, temperature, generator)
         if return_logps:
-            drawn = (torch.zeros(rows, device=device) if temperature == 0
-                     else torch.log_softmax(warped, dim=-1).gather(1, token[:, None]).squeeze(1))
+            drawn = (
+                torch.zeros(rows, device=device)
+                if temperature == 0
+                else torch.log_softmax(warped, dim=-1).gather(1, token[:, None]).squeeze(1)
+            )
             logps.append(torch.where(done, 0.0, drawn))
         token = torch.where(done, pad_token_id, token)
         tokens = torch.cat([tokens, token[:, None]], dim=1)

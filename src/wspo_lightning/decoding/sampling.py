@@ -136,8 +136,13 @@ class KVState:
         return self._forward(input_ids, attention_mask.long(), position_ids, last_only)
 
     @torch.no_grad()
-    def extend(self, tokens: Tensor, token_mask: Tensor | None = None, position_ids: Tensor | None = None,
-               last_only: bool = True) -> Tensor:
+    def extend(
+        self,
+        tokens: Tensor,
+        token_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        last_only: bool = True,
+    ) -> Tensor:
         """Append tokens [rows, n] (token_mask 0: padding inside the block). Positions continue each row
         unless given. Returns float32 logits as `prefill` does."""
         rows, n = tokens.shape
@@ -163,8 +168,15 @@ class KVState:
 
     def _forward(self, ids: Tensor, mask: Tensor, position_ids: Tensor, last_only: bool) -> Tensor:
         kwargs = {"logits_to_keep": 1} if last_only and self._keep_arg else {}
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
-                         past_key_values=self.cache, use_cache=True, return_dict=True, **kwargs)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+            return_dict=True,
+            **kwargs,
+        )
         self.cache = out.past_key_values
         logits = out.logits[:, -1] if last_only else out.logits
         return logits.to(dtype=torch.float32, copy=True)

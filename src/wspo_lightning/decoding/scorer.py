@@ -39,14 +39,16 @@ class WeakPairScorer:
     def prompt_ids(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         return self.renderer.prompt_ids(prompts)
 
-    def response_ids(self, prompts: Sequence[Prompt], responses: Sequence[str],
-                     ended: Sequence[bool] | None = None) -> list[list[int]]:
+    def response_ids(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], ended: Sequence[bool] | None = None
+    ) -> list[list[int]]:
         """Weak token ids of each response text; `ended` (default all False): it ends with the end-of-turn."""
         ended = list(ended) if ended is not None else [False] * len(responses)
         return self.renderer.response_ids(prompts, responses, ended)
 
-    def score(self, prompts: Sequence[Prompt], responses: Sequence[str],
-              ended: Sequence[bool] | None = None) -> list[float]:
+    def score(
+        self, prompts: Sequence[Prompt], responses: Sequence[str], ended: Sequence[bool] | None = None
+    ) -> list[float]:
         """reward_weak of each (prompt, response text), recomputed from scratch; `ended`: with the end-of-turn."""
         return self.score_ids(self.prompt_ids(prompts), self.response_ids(prompts, responses, ended))
 
@@ -54,17 +56,18 @@ class WeakPairScorer:
         return [sum(row) for row in self.token_deltas(prompt_ids, response_ids)]
 
     @torch.no_grad()
-    def token_deltas(self, prompt_ids: Sequence[Sequence[int]],
-                     response_ids: Sequence[Sequence[int]]) -> list[list[float]]:
+    def token_deltas(
+        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
+    ) -> list[list[float]]:
         """delta_weak(t) of every response token, by full forward passes in batches (no cache)."""
         out: list[list[float]] = []
         for start in range(0, len(prompt_ids), self.batch_size):
-            prompts = prompt_ids[start: start + self.batch_size]
-            responses = response_ids[start: start + self.batch_size]
+            prompts = prompt_ids[start : start + self.batch_size]
+            responses = response_ids[start : start + self.batch_size]
             ids, mask, labels = (t.to(self.device) for t in right_pad(prompts, responses, 0))
             delta = self._logps(self.weak_aligned, ids, mask, labels) - self._logps(self.weak_base, ids, mask, labels)
             for i, (p, r) in enumerate(zip(prompts, responses)):
-                out.append(delta[i, len(p) - 1: len(p) - 1 + len(r)].tolist())
+                out.append(delta[i, len(p) - 1 : len(p) - 1 + len(r)].tolist())
         return out
 
     @staticmethod
@@ -136,7 +139,7 @@ class WeakPairState:
             if feed:
                 tokens[i, : len(feed)] = torch.tensor(feed)
                 token_mask[i, : len(feed)] = 1
-                labels[i, : len(feed)] = torch.tensor(seq[start + 1:])
+                labels[i, : len(feed)] = torch.tensor(seq[start + 1 :])
         first = torch.tensor([p - 1 + s for p, s in zip(self.prompt_len, starts)])
         position_ids = (first[:, None] + torch.arange(width)[None]).to(device)
         tokens, token_mask, labels = tokens.to(device), token_mask.to(device), labels.to(device)

@@ -56,8 +56,13 @@ class Timer:
         yield
         if RUNS["ran"] > ran or name not in self.stages:
             self.stages[name] = round(time.perf_counter() - start, 1)
-        self.path.write_text(json.dumps({"stages": self.stages, "total": self.total,
-                                         "this_run": round(time.perf_counter() - self.start, 1)}, indent=2) + "\n")
+        self.path.write_text(
+            json.dumps(
+                {"stages": self.stages, "total": self.total, "this_run": round(time.perf_counter() - self.start, 1)},
+                indent=2,
+            )
+            + "\n"
+        )
 
     @property
     def total(self) -> float:
@@ -79,12 +84,23 @@ def decode(s: DemoSettings, method: str, strong: Path, models: Path, prompts: Pa
     cbs = method == "cbs"
     repeated = out.with_name(f"{out.stem}.prompts.jsonl")
     write_jsonl(repeated, [r for r in read_jsonl(prompts) for _ in range(s.cbs_samples if cbs else s.eval_samples)])
-    generate(GenerateConfig(
-        strong=bf16(strong), weak_base=bf16(models / "weak_base"), weak_aligned=bf16(models / "weak_aligned"),
-        prompts=str(repeated), output=str(out), method=method, alpha=s.proxy_alpha, beam_width=s.cbs_beam_width,
-        num_continuations=s.cbs_continuations, chunk_length=s.cbs_chunk_length, max_new_tokens=s.max_new_tokens,
-        seed=s.seed + 2,
-        batch_size=max(s.sample_batch_size // (s.cbs_beam_width * s.cbs_continuations if cbs else 1), 1)))
+    generate(
+        GenerateConfig(
+            strong=bf16(strong),
+            weak_base=bf16(models / "weak_base"),
+            weak_aligned=bf16(models / "weak_aligned"),
+            prompts=str(repeated),
+            output=str(out),
+            method=method,
+            alpha=s.proxy_alpha,
+            beam_width=s.cbs_beam_width,
+            num_continuations=s.cbs_continuations,
+            chunk_length=s.cbs_chunk_length,
+            max_new_tokens=s.max_new_tokens,
+            seed=s.seed + 2,
+            batch_size=max(s.sample_batch_size // (s.cbs_beam_width * s.cbs_continuations if cbs else 1), 1),
+        )
+    )
     repeated.unlink()
 
 
@@ -100,12 +116,21 @@ def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> N
     path = run_dir / "precompute.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     with atomic_path(cache) as tmp:
-        precompute(["--config", str(path), f"--model.init_args.cache_dir={tmp}"],
-                   command=f"wspo precompute --config {path} --model.init_args.cache_dir {cache}")
+        precompute(
+            ["--config", str(path), f"--model.init_args.cache_dir={tmp}"],
+            command=f"wspo precompute --config {path} --model.init_args.cache_dir {cache}",
+        )
 
 
-def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, cache_dir: str | None = None,
-             strong: str | None = None, reward: Any = VADER, settings: DemoSettings | None = None) -> list[dict]:
+def run_demo(
+    out: str = "demo_out",
+    quick: bool = False,
+    force: bool = False,
+    cache_dir: str | None = None,
+    strong: str | None = None,
+    reward: Any = VADER,
+    settings: DemoSettings | None = None,
+) -> list[dict]:
     """Run (or resume) the demo in `out` and return the results rows (also in `out/results.json`).
 
     Args:
@@ -125,8 +150,11 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
     root.mkdir(parents=True, exist_ok=True)
     settings_file, settings_text = root / "settings.json", json.dumps(asdict(s), indent=2) + "\n"
     if settings_file.exists() and settings_file.read_text() != settings_text and not force:
-        say("demo", f"warning: {out} holds outputs made with other settings; stages whose outputs exist are "
-                    "still skipped. Use --force or another --out to redo them with these settings.")
+        say(
+            "demo",
+            f"warning: {out} holds outputs made with other settings; stages whose outputs exist are "
+            "still skipped. Use --force or another --out to redo them with these settings.",
+        )
     settings_file.write_text(settings_text)
     timer = Timer(root / "timings.json")
 
@@ -149,8 +177,9 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
         raw, scored = samples / "eval" / f"{slug}.jsonl", samples / "eval" / f"{slug}.scored.jsonl"
         with timer(f"held-out samples: {name}"):
             if method == "sample":
-                sample(bf16(model), str(eval_prompts), str(raw), num_samples=s.eval_samples, seed=s.seed + 2,
-                       **sampling)
+                sample(
+                    bf16(model), str(eval_prompts), str(raw), num_samples=s.eval_samples, seed=s.seed + 2, **sampling
+                )
             else:
                 decode(s, method, model, models, eval_prompts, raw, force)
             score(str(raw), str(scored), reward=reward, force=force)
@@ -158,32 +187,75 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
 
     # 1. Weak base: 4 of the strong model's layers, distilled on its own samples.
     with timer("weak base: strong samples"):
-        sample(bf16(strong_dir), str(train_prompts), str(samples / "strong_train.jsonl"), seed=s.seed,
-               limit=s.distill_prompts, **sampling)
+        sample(
+            bf16(strong_dir),
+            str(train_prompts),
+            str(samples / "strong_train.jsonl"),
+            seed=s.seed,
+            limit=s.distill_prompts,
+            **sampling,
+        )
     with timer("weak base: distil"):
-        distill(ModelSpec(str(strong_dir)), str(samples / "strong_train.jsonl"), str(models / "weak_base"),
-                layers=s.weak_layers, epochs=s.distill_epochs, learning_rate=s.distill_learning_rate,
-                batch_size=s.batch_size, seed=s.seed, log_dir=str(runs / "distill"), force=force)
+        distill(
+            ModelSpec(str(strong_dir)),
+            str(samples / "strong_train.jsonl"),
+            str(models / "weak_base"),
+            layers=s.weak_layers,
+            epochs=s.distill_epochs,
+            learning_rate=s.distill_learning_rate,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            log_dir=str(runs / "distill"),
+            force=force,
+        )
     held_out("weak base", models / "weak_base")
 
     # 2. Weak aligned: DPO on pairs of weak samples labelled by the gold reward.
     with timer("weak aligned: samples, reward, pairs"):
-        sample(bf16(models / "weak_base"), str(train_prompts), str(samples / "weak_train.jsonl"),
-               num_samples=s.weak_samples, seed=s.seed + 1, **sampling)
+        sample(
+            bf16(models / "weak_base"),
+            str(train_prompts),
+            str(samples / "weak_train.jsonl"),
+            num_samples=s.weak_samples,
+            seed=s.seed + 1,
+            **sampling,
+        )
         score(str(samples / "weak_train.jsonl"), str(samples / "weak_train.scored.jsonl"), reward=reward, force=force)
         pairs(str(samples / "weak_train.scored.jsonl"), str(data / "pairs.jsonl"), force=force)
     with timer("weak aligned: DPO"):
-        fit(dpo_config(s, models / "weak_base", data / "pairs.jsonl", runs / "weak_dpo", root, "weak_dpo",
-                       s.weak_dpo_epochs, s.weak_dpo_learning_rate),
-            str(models / "weak_aligned"), str(runs / "weak_dpo"), force=force)
+        fit(
+            dpo_config(
+                s,
+                models / "weak_base",
+                data / "pairs.jsonl",
+                runs / "weak_dpo",
+                root,
+                "weak_dpo",
+                s.weak_dpo_epochs,
+                s.weak_dpo_learning_rate,
+            ),
+            str(models / "weak_aligned"),
+            str(runs / "weak_dpo"),
+            force=force,
+        )
     held_out("weak aligned", models / "weak_aligned")
     held_out("strong base", strong_dir)
 
     # 3. Strong: WSPO per gamma, and DPO directly on the same pairs. The frozen roles' values (reference
     # log-probs, delta_weak) do not depend on gamma: computed once, every WSPO fit loads only the policy.
     def wspo(gamma: float, name: str, cache: Path | None = None) -> dict:
-        return wspo_config(s, strong_dir, models / "weak_base", models / "weak_aligned", data / "pairs.jsonl",
-                           runs / name, root, name, gamma, cache)
+        return wspo_config(
+            s,
+            strong_dir,
+            models / "weak_base",
+            models / "weak_aligned",
+            data / "pairs.jsonl",
+            runs / name,
+            root,
+            name,
+            gamma,
+            cache,
+        )
 
     cache = data / "wspo_frozen_cache"
     with timer("strong WSPO: precompute frozen roles"):
@@ -194,9 +266,21 @@ def run_demo(out: str = "demo_out", quick: bool = False, force: bool = False, ca
             fit(wspo(gamma, name, cache), str(models / name), str(runs / name), force=force)
         held_out(f"strong + WSPO (gamma={gamma:g})", models / name)
     with timer("strong DPO"):
-        fit(dpo_config(s, strong_dir, data / "pairs.jsonl", runs / "strong_dpo", root, "strong_dpo",
-                       s.strong_dpo_epochs, s.strong_dpo_learning_rate),
-            str(models / "strong_dpo"), str(runs / "strong_dpo"), force=force)
+        fit(
+            dpo_config(
+                s,
+                strong_dir,
+                data / "pairs.jsonl",
+                runs / "strong_dpo",
+                root,
+                "strong_dpo",
+                s.strong_dpo_epochs,
+                s.strong_dpo_learning_rate,
+            ),
+            str(models / "strong_dpo"),
+            str(runs / "strong_dpo"),
+            force=force,
+        )
     held_out("strong + DPO", models / "strong_dpo")
 
     # 4. Test-time weak-to-strong decoding with the same weak pair: no training of the strong model.
@@ -227,8 +311,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     preset = PRESETS["quick" if "--quick" in argv or "--quick=true" in argv else "full"]
-    parser = ArgumentParser(prog="wspo demo", description=__doc__.split("\n\n")[0] + " Report: DIR/report.md.",
-                            exit_on_error=False)
+    parser = ArgumentParser(
+        prog="wspo demo", description=__doc__.split("\n\n")[0] + " Report: DIR/report.md.", exit_on_error=False
+    )
     parser.add_argument("--out", default="demo_out", help="report folder (also holds data, models, logs)")
     parser.add_argument("--quick", action="store_true", help="the small preset (a few minutes)")
     parser.add_argument("--force", action="store_true", help="redo every stage")

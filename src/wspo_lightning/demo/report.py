@@ -44,16 +44,19 @@ def _fmt_kl(kl: float | None) -> str:
 
 
 def markdown_table(results: list[dict]) -> str:
-    head = ("| row | gold reward (95% CI) | vs strong base (95% CI) | KL to strong base | length | distinct-2 "
-            "| top word (share) | n |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| row | gold reward (95% CI) | vs strong base (95% CI) | KL to strong base | length | distinct-2 "
+        "| top word (share) | n |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in results:
-        diff = (f"{r['diff_vs_baseline']:+.3f} {_fmt_ci(r['diff_vs_baseline_ci'])}"
-                if "diff_vs_baseline" in r else "")
+        diff = f"{r['diff_vs_baseline']:+.3f} {_fmt_ci(r['diff_vs_baseline_ci'])}" if "diff_vs_baseline" in r else ""
         word, share = r.get("top_word", ["", 0.0])
-        lines.append(f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
-                     f"| {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
-                     f"| {word} ({share:.0%}) | {r['n']} |")
+        lines.append(
+            f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
+            f"| {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
+            f"| {word} ({share:.0%}) | {r['n']} |"
+        )
     return "\n".join(lines)
 
 
@@ -68,16 +71,24 @@ def verdicts(results: list[dict], rows: list[EvalRow]) -> list[str]:
             continue
         lo, hi = r["diff_vs_baseline_ci"]
         beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
-        lines.append(f"- **{r['name']}** {beats} the strong base: {r['diff_vs_baseline']:+.3f} "
-                     f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
-                     + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats."))
+        lines.append(
+            f"- **{r['name']}** {beats} the strong base: {r['diff_vs_baseline']:+.3f} "
+            f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
+            + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats.")
+        )
         if "WSPO" in r["name"] and "weak aligned" in by_name:
             diff, ci = paired_difference(samples[r["name"]], samples["weak aligned"])
-            verdict = ("amplifies: it beats the weak aligned model" if ci[0] > 0 else
-                       "does not amplify: it is below the weak aligned model" if ci[1] < 0 else
-                       "does not clearly amplify: it is within noise of the weak aligned model")
-            lines.append(f"  It {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; weak aligned "
-                         f"{by_name['weak aligned']['gold_reward_mean']:+.3f}).")
+            verdict = (
+                "amplifies: it beats the weak aligned model"
+                if ci[0] > 0
+                else "does not amplify: it is below the weak aligned model"
+                if ci[1] < 0
+                else "does not clearly amplify: it is within noise of the weak aligned model"
+            )
+            lines.append(
+                f"  It {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; weak aligned "
+                f"{by_name['weak aligned']['gold_reward_mean']:+.3f})."
+            )
     return lines
 
 
@@ -99,8 +110,10 @@ def plot_rewards(results: list[dict], path: Path) -> None:
 
     names = [r["name"] for r in results][::-1]
     means = [r["gold_reward_mean"] for r in results][::-1]
-    errs = [[m - r["gold_reward_ci"][0] for m, r in zip(means, results[::-1])],
-            [r["gold_reward_ci"][1] - m for m, r in zip(means, results[::-1])]]
+    errs = [
+        [m - r["gold_reward_ci"][0] for m, r in zip(means, results[::-1])],
+        [r["gold_reward_ci"][1] - m for m, r in zip(means, results[::-1])],
+    ]
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
     ax.barh(names, means, xerr=errs, capsize=4, color=["#4c72b0" if "strong" in n else "#dd8452" for n in names])
     ax.axvline(0, color="black", lw=0.8)
@@ -145,8 +158,11 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
             steps, values = zip(*([(0, 0.0)] + margin))  # policy == reference at step 0: margin 0
             ax_margin.plot(steps, values, marker="o", label=name)
     ax_loss.set(xlabel="optimizer step", ylabel="train/loss", title="Training loss", yscale="log")
-    ax_margin.set(xlabel="optimizer step", ylabel="val strong margin (DPO: rewards/margins)",
-                  title="Implicit reward margin on validation pairs")
+    ax_margin.set(
+        xlabel="optimizer step",
+        ylabel="val strong margin (DPO: rewards/margins)",
+        title="Implicit reward margin on validation pairs",
+    )
     for ax in (ax_loss, ax_margin):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -181,33 +197,70 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
         examples.append("")
     total = sum(timings.values())
     timing_lines = [f"| {k} | {v:.0f} |" for k, v in timings.items()]
-    text = "\n".join([
-        "# WSPO demo: controlled sentiment (SmolLM2-135M-Instruct, VADER gold reward)", "",
-        f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row "
-        f"(CBS rows: {settings.get('cbs_samples', settings['eval_samples'])} search per prompt), "
-        f"up to {settings['max_new_tokens']} new tokens, temperature 1 (untempered, so KL estimates are unbiased).",
-        "KL is the mean of log pi_row(y|x) - log pi_strong_base(y|x) over the row's samples (nats per response). "
-        "Intervals are bootstrap 95% over prompts; 'vs strong base' is the paired difference per prompt.", "",
-        table, "", "## Verdicts", "", *verdicts(results, rows), "",
-        "Reward hacking shows as a high reward with a large KL, a low distinct-2 and one word in most responses "
-        "(see the top-word column).", "",
-        "## Plots", "", "![gold reward](plots/gold_reward.png)", "", "![reward vs KL](plots/reward_vs_kl.png)", "",
-        "![training](plots/training.png)", "",
-        "## The weak pair", "", WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
-        "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
-        f"(best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties dropped).",
-        "",
-        "## Test-time decoding rows", "", DECODING_NOTE.format(**{k: settings.get(k) for k in (
-            "proxy_alpha", "cbs_beam_width", "cbs_continuations", "cbs_chunk_length")}), "",
-        "## Example completions", "", *examples,
-        "## Files", "",
-        "- `results.json`: the table as data; `settings.json`: sizes and hyper-parameters",
-        "- `configs/`: the resolved config of every fit (`NAME.yaml`) and the config as given (`NAME.as_given.yaml`)",
-        "- `wandb/`: offline W&B runs (`wandb sync wandb/offline-run-*` uploads them); `runs/*/logs/metrics.csv`: the same metrics as CSV",
-        "- `samples/`, `data/`, `models/`: every stage's output (a rerun skips stages whose output exists)", "",
-        "## Wall time per stage (from the run that did the work)", "",
-        f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads.", "", "| stage | seconds |", "|---|---|",
-        *timing_lines, f"| **total** | {total:.0f} |", "",
-    ])
+    text = "\n".join(
+        [
+            "# WSPO demo: controlled sentiment (SmolLM2-135M-Instruct, VADER gold reward)",
+            "",
+            f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row "
+            f"(CBS rows: {settings.get('cbs_samples', settings['eval_samples'])} search per prompt), "
+            f"up to {settings['max_new_tokens']} new tokens, temperature 1 (untempered, so KL estimates are unbiased).",
+            "KL is the mean of log pi_row(y|x) - log pi_strong_base(y|x) over the row's samples (nats per response). "
+            "Intervals are bootstrap 95% over prompts; 'vs strong base' is the paired difference per prompt.",
+            "",
+            table,
+            "",
+            "## Verdicts",
+            "",
+            *verdicts(results, rows),
+            "",
+            "Reward hacking shows as a high reward with a large KL, a low distinct-2 and one word in most responses "
+            "(see the top-word column).",
+            "",
+            "## Plots",
+            "",
+            "![gold reward](plots/gold_reward.png)",
+            "",
+            "![reward vs KL](plots/reward_vs_kl.png)",
+            "",
+            "![training](plots/training.png)",
+            "",
+            "## The weak pair",
+            "",
+            WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
+            "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
+            f"(best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties dropped).",
+            "",
+            "## Test-time decoding rows",
+            "",
+            DECODING_NOTE.format(
+                **{
+                    k: settings.get(k)
+                    for k in ("proxy_alpha", "cbs_beam_width", "cbs_continuations", "cbs_chunk_length")
+                }
+            ),
+            "",
+            "## Example completions",
+            "",
+            *examples,
+            "## Files",
+            "",
+            "- `results.json`: the table as data; `settings.json`: sizes and hyper-parameters",
+            "- `configs/`: the resolved config of every fit (`NAME.yaml`) and the config as given "
+            "(`NAME.as_given.yaml`)",
+            "- `wandb/`: offline W&B runs (`wandb sync wandb/offline-run-*` uploads them); "
+            "`runs/*/logs/metrics.csv`: the same metrics as CSV",
+            "- `samples/`, `data/`, `models/`: every stage's output (a rerun skips stages whose output exists)",
+            "",
+            "## Wall time per stage (from the run that did the work)",
+            "",
+            f"Machine: {os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads.",
+            "",
+            "| stage | seconds |",
+            "|---|---|",
+            *timing_lines,
+            f"| **total** | {total:.0f} |",
+            "",
+        ]
+    )
     (root / "report.md").write_text(text)
     return table

@@ -73,7 +73,13 @@ PRESETS = {
     "full": DemoSettings(),
     # The whole chain at a smoke-test size: minutes, not a significant result.
     "quick": DemoSettings(
-        n_train_prompts=64, n_eval_prompts=16, max_new_tokens=24, distill_prompts=64, distill_epochs=2,
-        weak_dpo_epochs=1, val_fraction=0.1, val_checks=1,
+        n_train_prompts=64,
+        n_eval_prompts=16,
+        max_new_tokens=24,
+        distill_prompts=64,
+        distill_epochs=2,
+        weak_dpo_epochs=1,
+        val_fraction=0.1,
+        val_checks=1,
     ),
 }

@@ -73,8 +73,14 @@ class DistillModule(pl.LightningModule):
         freeze_embeddings: keep the input embeddings (and a tied lm_head) fixed.
     """
 
-    def __init__(self, student: nn.Module, learning_rate: float = 3e-4, warmup_ratio: float = 0.1,
-                 soft_weight: float = 0.5, freeze_embeddings: bool = True) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        learning_rate: float = 3e-4,
+        warmup_ratio: float = 0.1,
+        soft_weight: float = 0.5,
+        freeze_embeddings: bool = True,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["student"])
         self.student = student
@@ -84,8 +90,12 @@ class DistillModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         labels = batch["labels"]  # [B, L]
         first = response_start(labels)
-        logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              logits_to_keep=labels.shape[1] - first + 1, use_cache=False).logits
+        logits = self.student(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            logits_to_keep=labels.shape[1] - first + 1,
+            use_cache=False,
+        ).logits
         logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # [B, T', V]; position t predicts labels[t+1]
         targets = labels[:, first:]  # [B, T']
         mask = targets != IGNORE_INDEX
@@ -114,9 +124,19 @@ class DistillModule(pl.LightningModule):
 
 def _examples(renderer: Renderer, records: list[dict], source: str, max_length: int) -> list[dict]:
     """Token ids of each sample as training renders them (sampled ids kept when the renderer matches)."""
-    normalised = [{"id": str(i), "source": f"{source}:{i + 1}", "prompt": r["prompt"], "chosen": r["response"],
-                   "rejected": None, "chosen_finished": r.get("finished", True), "chosen_ids": r.get("response_ids"),
-                   "tokenizer_fingerprint": r.get("tokenizer_fingerprint")} for i, r in enumerate(records)]
+    normalised = [
+        {
+            "id": str(i),
+            "source": f"{source}:{i + 1}",
+            "prompt": r["prompt"],
+            "chosen": r["response"],
+            "rejected": None,
+            "chosen_finished": r.get("finished", True),
+            "chosen_ids": r.get("response_ids"),
+            "tokenizer_fingerprint": r.get("tokenizer_fingerprint"),
+        }
+        for i, r in enumerate(records)
+    ]
     examples = []
     for f in tokenize_records(normalised, renderer, max_length):
         input_ids, attention_mask, labels = right_pad([f["prompt_ids"]], [f["chosen_ids"]], 0)
@@ -127,9 +147,11 @@ def _examples(renderer: Renderer, records: list[dict], source: str, max_length: 
 def _collate(examples: list[dict], pad_id: int) -> dict[str, Tensor]:
     """Right padding; teacher targets are [L, k] per example, padded with zeros."""
     length = max(len(e["input_ids"]) for e in examples)
-    batch = {"input_ids": torch.full((len(examples), length), pad_id),
-             "labels": torch.full((len(examples), length), IGNORE_INDEX),
-             "attention_mask": torch.zeros(len(examples), length, dtype=torch.long)}
+    batch = {
+        "input_ids": torch.full((len(examples), length), pad_id),
+        "labels": torch.full((len(examples), length), IGNORE_INDEX),
+        "attention_mask": torch.zeros(len(examples), length, dtype=torch.long),
+    }
     k = examples[0]["topk_ids"].shape[-1]
     batch["topk_ids"] = torch.zeros(len(examples), length, k, dtype=torch.int32)
     batch["topk_logps"] = torch.zeros(len(examples), length, k, dtype=torch.float16)
@@ -146,7 +168,7 @@ def teacher_topk(teacher: nn.Module, examples: list[dict], top_k: int, pad_id: i
     """Add `topk_ids`/`topk_logps` [L, k] to each example: the teacher's k most likely next tokens at
     each position whose label is a response token (aligned with the labels; zeros elsewhere)."""
     for first in tqdm(range(0, len(examples), batch_size), desc="teacher top-k", unit="batch", dynamic_ncols=True):
-        chunk = examples[first:first + batch_size]
+        chunk = examples[first : first + batch_size]
         for e in chunk:  # placeholders so _collate can pad
             e["topk_ids"] = torch.zeros(len(e["input_ids"]), top_k, dtype=torch.int32)
             e["topk_logps"] = torch.zeros(len(e["input_ids"]), top_k, dtype=torch.float16)
@@ -160,10 +182,24 @@ def teacher_topk(teacher: nn.Module, examples: list[dict], top_k: int, pad_id: i
             e["topk_logps"][1:n] = logps[row, : n - 1].to(torch.float16)
 
 
-def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] = 4, top_k: int = 32, epochs: int = 3,
-            batch_size: int = 8, learning_rate: float = 3e-4, soft_weight: float = 0.5, max_length: int = 256,
-            precision: str = "auto", use_chat_template: bool = True, prompt_template: str = "{prompt}",
-            seed: int = 0, log_dir: str | None = None, force: bool = False) -> Path:
+def distill(
+    teacher: ModelSpec,
+    samples: str,
+    out: str,
+    layers: int | list[int] = 4,
+    top_k: int = 32,
+    epochs: int = 3,
+    batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    soft_weight: float = 0.5,
+    max_length: int = 256,
+    precision: str = "auto",
+    use_chat_template: bool = True,
+    prompt_template: str = "{prompt}",
+    seed: int = 0,
+    log_dir: str | None = None,
+    force: bool = False,
+) -> Path:
     """Build a student from some of `teacher`'s layers, distil it on `samples`, save it to `out`.
 
     Args:
@@ -202,20 +238,35 @@ def distill(teacher: ModelSpec, samples: str, out: str, layers: int | list[int] 
     del frozen_teacher
     student = truncate(load_model(replace(teacher, dtype="float32"), trainable=True), layers)
     size = sum(p.numel() for p in student.parameters())
-    say("distill", f"student: layers {layers} of {teacher.path}, {size / 1e6:.1f}M parameters; "
-                   f"{len(examples)} samples x {epochs} epochs; precision {precision}")
+    say(
+        "distill",
+        f"student: layers {layers} of {teacher.path}, {size / 1e6:.1f}M parameters; "
+        f"{len(examples)} samples x {epochs} epochs; precision {precision}",
+    )
     module = DistillModule(student, learning_rate=learning_rate, soft_weight=soft_weight)
-    loader = torch.utils.data.DataLoader(examples, batch_size=batch_size, shuffle=True,
-                                         collate_fn=lambda b: _collate(b, tokenizer.pad_token_id),
-                                         generator=torch.Generator().manual_seed(seed))
+    loader = torch.utils.data.DataLoader(
+        examples,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=lambda b: _collate(b, tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(seed),
+    )
     logger = False
     if log_dir is not None:
         from lightning.pytorch.loggers import CSVLogger
 
         logger = CSVLogger(log_dir, name="logs", version="")  # -> log_dir/logs/metrics.csv
-    trainer = pl.Trainer(max_epochs=epochs, precision=precision, logger=logger, enable_checkpointing=False,
-                         gradient_clip_val=1.0, log_every_n_steps=1, enable_model_summary=False,
-                         accelerator="auto", devices=1)
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        precision=precision,
+        logger=logger,
+        enable_checkpointing=False,
+        gradient_clip_val=1.0,
+        log_every_n_steps=1,
+        enable_model_summary=False,
+        accelerator="auto",
+        devices=1,
+    )
     trainer.fit(module, train_dataloaders=loader)
     with atomic_path(out) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)  # float32: bf16-mixed keeps float32 weights

@@ -4,8 +4,8 @@ Every row is a file of scored samples (`wspo sample` then `wspo score`) on the s
 prompts. Per row: mean gold reward with a bootstrap 95% interval, the paired difference to a
 baseline row with its interval, KL(row || reference) estimated from the samples as the mean of
 log pi_row(y|x) - log pi_reference(y|x) (nats per response; none for a row without likelihoods, such
-as chunk-level beam search), mean length, distinct-n, and the most repeated word. Intervals resample prompts (all samples of a prompt together), so several
-samples per prompt do not narrow them falsely.
+as chunk-level beam search), mean length, distinct-n, and the most repeated word. Intervals resample
+prompts (all samples of a prompt together), so several samples per prompt do not narrow them falsely.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_
 from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
 
-_STOPWORDS = set("""a an the and or but of to in on at for with from by as is are was were be been it its it's this that
+_STOPWORDS = set(
+    """a an the and or but of to in on at for with from by as is are was were be been it its it's this that
 these those i you he she we they me my your his her our their not no so very just than then there here what which
-who how all any some more most can could would should will one film movie""".split())
+who how all any some more most can could would should will one film movie""".split()
+)
 
 
 @dataclass
@@ -43,8 +45,9 @@ class EvalRow:
     """Scored samples (JSONL with prompt, response, response_ids, logp, num_tokens, reward)."""
 
 
-def bootstrap_ci(values_by_prompt: list[np.ndarray], n_boot: int = 2000, seed: int = 0,
-                 level: float = 0.95) -> tuple[float, float]:
+def bootstrap_ci(
+    values_by_prompt: list[np.ndarray], n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of the mean, resampling prompts with replacement (each with all its values)."""
     rng = np.random.default_rng(seed)
     sums = np.array([v.sum() for v in values_by_prompt])
@@ -60,7 +63,7 @@ def distinct_n(texts: list[str], n: int) -> float:
     grams = Counter()
     for text in texts:
         words = re.findall(r"[a-z']+", text.lower())
-        grams.update(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams.update(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return len(grams) / max(sum(grams.values()), 1)
 
 
@@ -82,15 +85,16 @@ def _by_prompt(records: list[dict], key: str) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in groups.items()}
 
 
-def reference_logps(model, renderer: Renderer, records: list[dict], batch_size: int = 16,
-                    desc: str = "reference") -> list[float]:
+def reference_logps(
+    model, renderer: Renderer, records: list[dict], batch_size: int = 16, desc: str = "reference"
+) -> list[float]:
     """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its rendered prompt."""
     pad = renderer.tokenizer.pad_token_id
     pad = pad if pad is not None else renderer.end_of_turn
     out: list[float] = []
     chunk = batch_size * 8
     for first in tqdm(range(0, len(records), chunk), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):
-        part = records[first:first + chunk]
+        part = records[first : first + chunk]
         prompts = renderer.prompt_ids([r["prompt"] for r in part])
         out += summed_logps(model, prompts, [list(r["response_ids"]) for r in part], pad, batch_size)
     return out
@@ -101,8 +105,9 @@ def has_likelihood(records: list[dict]) -> bool:
     return all(r.get("logp") is not None for r in records)
 
 
-def paired_difference(records: list[dict], other: list[dict], n_boot: int = 2000, seed: int = 0
-                      ) -> tuple[float, list[float]]:
+def paired_difference(
+    records: list[dict], other: list[dict], n_boot: int = 2000, seed: int = 0
+) -> tuple[float, list[float]]:
     """Mean over shared prompts of (mean reward here - mean reward in `other`), with its bootstrap 95% interval."""
     mine, theirs = _by_prompt(records, "reward"), _by_prompt(other, "reward")
     shared = sorted(set(mine) & set(theirs))
@@ -112,8 +117,9 @@ def paired_difference(records: list[dict], other: list[dict], n_boot: int = 2000
     return float(np.mean([d[0] for d in diffs])), list(bootstrap_ci(diffs, n_boot, seed))
 
 
-def row_stats(name: str, records: list[dict], baseline: list[dict] | None, n_boot: int, seed: int,
-              num_examples: int = 3) -> dict:
+def row_stats(
+    name: str, records: list[dict], baseline: list[dict] | None, n_boot: int, seed: int, num_examples: int = 3
+) -> dict:
     """The numbers of one row (see the module docstring)."""
     rewards = _by_prompt(records, "reward")
     texts = [r["response"] for r in records]
@@ -136,15 +142,26 @@ def row_stats(name: str, records: list[dict], baseline: list[dict] | None, n_boo
     }
     if baseline is not None:
         stats["diff_vs_baseline"], stats["diff_vs_baseline_ci"] = paired_difference(records, baseline, n_boot, seed)
-    stats["examples"] = [{"prompt": r["prompt"], "response": r["response"], "reward": r["reward"]}
-                         for r in records[:num_examples]]
+    stats["examples"] = [
+        {"prompt": r["prompt"], "response": r["response"], "reward": r["reward"]} for r in records[:num_examples]
+    ]
     return stats
 
 
-def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str | None = None,
-             n_boot: int = 2000, batch_size: int = 16, seed: int = 0, num_examples: int = 3,
-             use_chat_template: bool = True, prompt_template: str = "{prompt}", device: str = "auto",
-             force: bool = False) -> Path:
+def evaluate(
+    rows: list[EvalRow],
+    reference: ModelSpec,
+    out: str,
+    baseline: str | None = None,
+    n_boot: int = 2000,
+    batch_size: int = 16,
+    seed: int = 0,
+    num_examples: int = 3,
+    use_chat_template: bool = True,
+    prompt_template: str = "{prompt}",
+    device: str = "auto",
+    force: bool = False,
+) -> Path:
     """Write `out` (results.json): a list with one object per row.
 
     Args:
@@ -165,8 +182,10 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
         return Path(out)
     if baseline is not None and baseline not in [r.name for r in rows]:
         raise InputError(f"evaluate: baseline {baseline!r} is not one of the rows {[r.name for r in rows]}")
-    data = {r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
-            for r in rows}
+    data = {
+        r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
+        for r in rows
+    }
     cache_dir = Path(out).with_name(Path(out).stem + "_logps")
     model = renderer = None
     for i, row in enumerate(rows):
@@ -184,8 +203,9 @@ def evaluate(rows: list[EvalRow], reference: ModelSpec, out: str, baseline: str 
             write_jsonl(cache, cached)
         for record, c in zip(data[row.name], cached):
             record["ref_logp"] = c["ref_logp"]
-    results = [row_stats(r.name, data[r.name], data[baseline] if baseline else None, n_boot, seed, num_examples)
-               for r in rows]
+    results = [
+        row_stats(r.name, data[r.name], data[baseline] if baseline else None, n_boot, seed, num_examples) for r in rows
+    ]
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     say("evaluate", f"wrote {out}")

@@ -29,14 +29,26 @@ def make_pairs(records: list[dict], min_margin: float = 0.0) -> list[dict]:
         worst = min(group, key=lambda r: r["reward"])
         if best["reward"] - worst["reward"] <= min_margin:
             continue
-        pair = {"id": key, "prompt": best["prompt"], "chosen": best["response"], "rejected": worst["response"],
-                "chosen_reward": best["reward"], "rejected_reward": worst["reward"],
-                "chosen_finished": best.get("finished", True), "rejected_finished": worst.get("finished", True)}
+        pair = {
+            "id": key,
+            "prompt": best["prompt"],
+            "chosen": best["response"],
+            "rejected": worst["response"],
+            "chosen_reward": best["reward"],
+            "rejected_reward": worst["reward"],
+            "chosen_finished": best.get("finished", True),
+            "rejected_finished": worst.get("finished", True),
+        }
         fingerprint = best.get("tokenizer_fingerprint")
-        if fingerprint and fingerprint == worst.get("tokenizer_fingerprint") \
-                and best.get("response_ids") is not None and worst.get("response_ids") is not None:
-            pair.update(chosen_ids=best["response_ids"], rejected_ids=worst["response_ids"],
-                        tokenizer_fingerprint=fingerprint)
+        if (
+            fingerprint
+            and fingerprint == worst.get("tokenizer_fingerprint")
+            and best.get("response_ids") is not None
+            and worst.get("response_ids") is not None
+        ):
+            pair.update(
+                chosen_ids=best["response_ids"], rejected_ids=worst["response_ids"], tokenizer_fingerprint=fingerprint
+            )
         pairs.append(pair)
     return pairs
 
@@ -56,8 +68,10 @@ def pairs(scored: str, out: str, min_margin: float = 0.0, force: bool = False) -
     records = read_jsonl(scored, required=["prompt", "response", "reward"])
     result = make_pairs(records, min_margin)
     if not result:
-        raise InputError(f"{scored}: no prompt has two responses whose rewards differ by more than {min_margin}; "
-                         "sample more responses per prompt (num_samples >= 2)")
+        raise InputError(
+            f"{scored}: no prompt has two responses whose rewards differ by more than {min_margin}; "
+            "sample more responses per prompt (num_samples >= 2)"
+        )
     write_jsonl(out, result)
     prompts = len({str(r.get("id", r["prompt"])) for r in records})
     say("pairs", f"{len(result)} pairs from {prompts} prompts ({prompts - len(result)} ties dropped) -> {out}")

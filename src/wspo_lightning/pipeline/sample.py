@@ -26,10 +26,23 @@ from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
 
 
-def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_new_tokens: int = 48,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_size: int = 32, seed: int = 0,
-           limit: int | None = None, use_chat_template: bool = True, prompt_template: str = "{prompt}",
-           device: str = "auto", force: bool = False) -> Path:
+def sample(
+    model: ModelSpec,
+    prompts: str,
+    out: str,
+    num_samples: int = 1,
+    max_new_tokens: int = 48,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 32,
+    seed: int = 0,
+    limit: int | None = None,
+    use_chat_template: bool = True,
+    prompt_template: str = "{prompt}",
+    device: str = "auto",
+    force: bool = False,
+) -> Path:
     """Sample `num_samples` responses per prompt and write them as JSONL.
 
     Args:
@@ -63,10 +76,11 @@ def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_n
     rows, start, new_tokens = [], time.perf_counter(), 0
     bar = tqdm(total=len(jobs), desc=f"sample {Path(model.path).name}", unit="seq", dynamic_ncols=True)
     for b, first in enumerate(range(0, len(jobs), batch_size)):
-        batch = jobs[first:first + batch_size]
+        batch = jobs[first : first + batch_size]
         torch.manual_seed(seed + b)
-        generated = generate(lm, renderer, [r["prompt"] for _, r, _ in batch], max_new_tokens, temperature,
-                             top_k, top_p)
+        generated = generate(
+            lm, renderer, [r["prompt"] for _, r, _ in batch], max_new_tokens, temperature, top_k, top_p
+        )
         for (i, record, k), g in zip(batch, generated):
             rows.append({"id": str(record.get("id", i)), "prompt": record["prompt"], "sample": k, **g})
             new_tokens += g["num_tokens"]
@@ -75,24 +89,44 @@ def sample(model: ModelSpec, prompts: str, out: str, num_samples: int = 1, max_n
     bar.close()
     write_jsonl(out, rows)
     finished = sum(r["finished"] for r in rows)
-    say("sample", f"wrote {len(rows)} samples ({finished} ended by a stop token, {len(rows) - finished} cut at "
-                  f"{max_new_tokens} tokens; {new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}")
+    say(
+        "sample",
+        f"wrote {len(rows)} samples ({finished} ended by a stop token, {len(rows) - finished} cut at "
+        f"{max_new_tokens} tokens; {new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}",
+    )
     return Path(out)
 
 
 @torch.no_grad()
-def generate(lm, renderer: Renderer, prompts: list, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0) -> list[dict]:
+def generate(
+    lm,
+    renderer: Renderer,
+    prompts: list,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> list[dict]:
     """One sampled response per prompt: `{response, response_ids, logp, num_tokens, finished,
     tokenizer_fingerprint}` (see the module docstring)."""
     tokenizer = renderer.tokenizer
     stop = renderer.stop_ids(lm)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     input_ids, attention_mask = left_pad(renderer.prompt_ids(prompts), pad, lm.device)
-    out = lm.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
-                      top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=stop,
-                      output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[:, input_ids.shape[1]:]  # [batch, new]
+    out = lm.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=stop,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    tokens = out.sequences[:, input_ids.shape[1] :]  # [batch, new]
     scores = torch.stack(out.scores, dim=1).float()  # [batch, new, vocab]: what the draw was made from
     token_logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [batch, new]
     is_stop = torch.isin(tokens, torch.tensor(stop, device=tokens.device))
@@ -100,9 +134,16 @@ def generate(lm, renderer: Renderer, prompts: list, max_new_tokens: int, tempera
     results = []
     for row in range(tokens.shape[0]):
         ids = tokens[row][keep[row]].tolist()
-        results.append({"response": renderer.decode(ids), "response_ids": ids,
-                        "logp": float(token_logps[row][keep[row]].sum()), "num_tokens": len(ids),
-                        "finished": bool(is_stop[row].any()), "tokenizer_fingerprint": renderer.fingerprint})
+        results.append(
+            {
+                "response": renderer.decode(ids),
+                "response_ids": ids,
+                "logp": float(token_logps[row][keep[row]].sum()),
+                "num_tokens": len(ids),
+                "finished": bool(is_stop[row].any()),
+                "tokenizer_fingerprint": renderer.fingerprint,
+            }
+        )
     return results
 
 

@@ -17,8 +17,13 @@ from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.rewards import load_reward
 
 
-def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderReward", batch_size: int = 64,
-          force: bool = False) -> Path:
+def score(
+    samples: str,
+    out: str,
+    reward: str = "wspo_lightning.rewards.VaderReward",
+    batch_size: int = 64,
+    force: bool = False,
+) -> Path:
     """Score each record's `response` with `reward` and write the records with a `reward` field.
 
     Args:
@@ -38,7 +43,7 @@ def score(samples: str, out: str, reward: str = "wspo_lightning.rewards.VaderRew
     name = reward if isinstance(reward, str) else type(reward).__name__
     say("score", f"{len(records)} responses of {samples} with {name}")
     for first in tqdm(range(0, len(records), batch_size), desc="score", unit="batch", dynamic_ncols=True):
-        batch = records[first:first + batch_size]
+        batch = records[first : first + batch_size]
         values = scorer([r["prompt"] for r in batch], [r["response"] for r in batch])
         if len(values) != len(batch):
             raise ValueError(f"reward {name} returned {len(values)} scores for {len(batch)} responses")

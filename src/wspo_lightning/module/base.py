@@ -1,0 +1,200 @@
+"""`PreferenceModule`: what every objective shares: the trainable policy, its frozen roles, the cache of
+their values, the optimiser and the logging."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+
+from wspo_lightning.cache.store import LogpsCache
+from wspo_lightning.errors import InputError
+from wspo_lightning.frozen import FrozenRoles
+from wspo_lightning.metrics import ObjectiveMetrics
+from wspo_lightning.models import (
+    ModelSpec,
+    as_spec,
+    check_model_path,
+    check_same_vocabulary,
+    disable_dropout,
+    freeze,
+    load_model,
+    load_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+
+def sequences(batch: dict, side: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(input_ids, attention_mask, labels) of one side ("chosen" or "rejected") of a collated batch."""
+    return batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"], batch[f"{side}_labels"]
+
+
+def step_rows(batch: dict, pairs: bool) -> tuple[list[str], tuple[Tensor, Tensor, Tensor]]:
+    """The sides a step runs (chosen, then rejected when `pairs` and the batch has them) and their rows,
+    concatenated for one forward (the data module pads both sides to one length)."""
+    if pairs and "rejected_input_ids" in batch:
+        return ["chosen", "rejected"], tuple(
+            torch.cat(pair) for pair in zip(sequences(batch, "chosen"), sequences(batch, "rejected"))
+        )
+    return ["chosen"], sequences(batch, "chosen")
+
+
+class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
+    """What the objectives share: the trainable policy, frozen roles, the cache, optimiser, throughput.
+
+    Args:
+        policy: the strong model being trained.
+        reference: frozen reference; None means a frozen copy of the policy's starting weights
+            (with LoRA: the policy with its adapters disabled, no second copy).
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly, then cosine decay to 0.
+        freeze_embeddings: keep the input embeddings (and a tied lm_head) fixed.
+        disable_dropout: zero every dropout in the policy, so policy and reference agree at step 0.
+        cache_dir: frozen log-probs written by `wspo precompute` for this config; the cached roles
+            never load. A cache that no longer matches the data or the models is refused.
+    """
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: ModelSpec | None = None,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        freeze_embeddings: bool = False,
+        disable_dropout: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not learning_rate > 0:
+            raise InputError(f"model.learning_rate must be > 0, got {learning_rate}")
+        if not 0 <= warmup_ratio < 1:
+            raise InputError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
+        self.save_hyperparameters()
+        # LightningCLI stores hparams as plain dicts: keep the specs themselves.
+        self.policy_spec, self.reference_spec = as_spec(policy), as_spec(reference)
+        self.policy: nn.Module | None = None  # built in configure_model, so strategies can shard it
+        self.frozen = FrozenRoles()  # not a submodule: strategies never wrap or checkpoint it
+        self.cache_dir = cache_dir
+        self.cache: LogpsCache | None = None  # opened in setup
+        self.val_metrics = self.make_metrics(self.metric_names)
+
+    # ---- roles and the cache --------------------------------------------------------------------------
+    def frozen_specs(self) -> dict[str, ModelSpec]:
+        """Frozen roles this objective needs, other than the reference."""
+        return {}
+
+    def all_specs(self) -> dict[str, ModelSpec]:
+        specs = {"policy": self.policy_spec}
+        if self.reference_spec is not None:
+            specs["reference"] = self.reference_spec
+        return {**specs, **self.frozen_specs()}
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.policy_spec.lora is not None
+
+    @property
+    def trains_on_pairs(self) -> bool:
+        """Whether a training step runs the rejected responses too (cache sides, token count)."""
+        return False
+
+    def required_cache_values(self) -> list[str]:
+        """Values a cache must hold for this objective."""
+        return ["reference"]
+
+    def cacheable_values(self, reference: bool = True) -> list[str]:
+        """Values `wspo precompute` writes: the reference's log-probs unless `reference` is False."""
+        if not reference:
+            raise InputError(f"{type(self).__name__} caches only the reference: set precompute.reference: true")
+        return ["reference"]
+
+    def cache_roles(self, values: list[str]) -> dict[str, ModelSpec]:
+        """The models behind cached `values`: role -> spec (the reference defaults to the policy's weights)."""
+        roles = {}
+        if "reference" in values:
+            roles["reference"] = self.reference_spec or self.policy_spec
+        if "delta_weak" in values:
+            roles.update(self.frozen_specs())
+        return roles
+
+    def _live_roles(self) -> set[str]:
+        """Frozen roles computed in this process: all but those whose values come from the cache."""
+        roles = set(self.frozen_specs()) | {"reference"}
+        return roles - set(self.cache_roles(self.cache.values)) if self.cache is not None else roles
+
+    def setup(self, stage: str) -> None:
+        # Runs after the data module's setup, so bad data fails before any weights load.
+        specs = self.all_specs()
+        for role, spec in specs.items():
+            check_model_path(spec, role)
+        check_same_vocabulary({role: load_tokenizer(spec) for role, spec in specs.items()})
+        if self.cache_dir and self.cache is None:
+            self.cache = LogpsCache.open(self.cache_dir, self, self.trainer.datamodule)
+            log.info("frozen values %s come from the cache %s", self.cache.values, self.cache_dir)
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        live = self._live_roles()  # a reference without a spec comes from the policy (configure_model)
+        self.frozen.load({role: spec for role, spec in specs.items() if role in live and role != "policy"}, device)
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else None
+        quantized = self.policy_spec.quantization != "none"  # bitsandbytes weights cannot move after loading
+        strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else None
+        if quantized and strategy == "FSDPStrategy":
+            raise InputError(
+                "a bitsandbytes-quantized policy (QLoRA) cannot be wrapped by FSDPStrategy here: "
+                "use DDP (configs/strategies/ddp.yaml), or a float policy with FSDP"
+            )
+        policy = load_model(self.policy_spec, trainable=True, device=device if quantized else None)
+        if self.hparams.disable_dropout:
+            disable_dropout(policy)
+        if self.hparams.freeze_embeddings:
+            policy.get_input_embeddings().requires_grad_(False)
+        if self.reference_spec is None and not self.uses_lora and "reference" in self._live_roles():
+            self.frozen.add("reference", freeze(copy.deepcopy(policy)))  # before any sharding: a full copy
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            from wspo_lightning.strategies import shard_policy
+
+            policy = shard_policy(policy, self.device_mesh, str(self.trainer.precision))
+        self.policy = policy
+
+    def on_fit_start(self) -> None:  # a reference copied in configure_model is still on the CPU
+        self.frozen.place(self.device)
+
+    on_validation_start = on_test_start = on_fit_start
+
+    def reference_logps(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        return self.frozen.reference_logps(self.policy, input_ids, attention_mask, labels)
+
+    def cached(self, batch: dict, split: str, sides: list[str], mask: Tensor) -> dict[str, Tensor]:
+        """Cached values for the step's rows ([len(sides) * B, T'] each, in `mask`'s layout); {} without a cache."""
+        if self.cache is None:
+            return {}
+        return self.cache.lookup(split, batch["index"], sides, mask)
+
+    # ---- optimisation ------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        from transformers import get_cosine_schedule_with_warmup
+
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        schedule = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def validation_step(self, batch: dict, batch_idx: int) -> Any:
+        return self.evaluate(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> Any:
+        return self.evaluate(batch, "test")
+
+    def evaluate(self, batch: dict, prefix: str) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} defines no validation")

@@ -1,0 +1,135 @@
+"""The baselines trained the same way as WSPO: `DPOModule` (TRL's numbers and metric names) and `SFTModule`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from torch import Tensor
+
+from wspo_lightning import losses
+from wspo_lightning.errors import InputError
+from wspo_lightning.logprobs import response_logps
+from wspo_lightning.models import (
+    ModelSpec,
+)
+from wspo_lightning.module.base import PreferenceModule, sequences, step_rows
+
+log = logging.getLogger(__name__)
+
+
+class DPOModule(PreferenceModule):
+    """Direct preference optimisation (sigmoid loss, TRL's numbers and metric names).
+
+    Args:
+        beta: strength of the implicit KL penalty.
+        label_smoothing: conservative DPO's assumed label-noise rate, in [0, 0.5).
+        Other arguments: see PreferenceModule.
+    """
+
+    trains_on_pairs = True
+    metric_names = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "logratio/policy_reference",
+    ]
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        reference: ModelSpec | None = None,
+        beta: float = 0.1,
+        label_smoothing: float = 0.0,
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        freeze_embeddings: bool = False,
+        disable_dropout: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        if not (beta > 0 and beta != float("inf")):
+            raise InputError(f"model.beta must be a finite positive number, got {beta}")
+        super().__init__(
+            policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings, disable_dropout, cache_dir
+        )
+
+    def _step(self, batch: dict, split: str) -> dict[str, tuple[Tensor, Any]]:
+        if "rejected_input_ids" not in batch:
+            raise InputError("DPO needs preference pairs: every record must have 'chosen' and 'rejected'")
+        n = batch["chosen_input_ids"].shape[0]
+        sides, rows = step_rows(batch, pairs=True)
+        policy, mask = response_logps(self.policy, *rows)
+        cached = self.cached(batch, split, sides, mask)  # {} without a cache
+        reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
+        policy_seq, reference_seq = losses.sequence_logps(policy, mask), losses.sequence_logps(reference, mask)
+        per_example, chosen_rewards, rejected_rewards = losses.dpo_loss(
+            policy_seq[:n],
+            policy_seq[n:],
+            reference_seq[:n],
+            reference_seq[n:],
+            beta=self.hparams.beta,
+            label_smoothing=self.hparams.label_smoothing,
+        )
+        margin, correct = losses.reward_margin(chosen_rewards, rejected_rewards)
+        logratio = ((policy - reference) * mask).sum() / mask.sum().clamp(min=1)
+        return {
+            "loss": (per_example.mean(), n),
+            "rewards/chosen": (chosen_rewards, 1.0),
+            "rewards/rejected": (rejected_rewards, 1.0),
+            "rewards/margins": (margin, 1.0),
+            "rewards/accuracies": (correct, 1.0),
+            "logps/chosen": (policy_seq[:n].detach(), 1.0),
+            "logps/rejected": (policy_seq[n:].detach(), 1.0),
+            "logratio/policy_reference": (logratio, mask.sum()),
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        values = self._step(batch, "train")
+        self._log_step(values, batch_size=batch["chosen_input_ids"].shape[0])
+        return values["loss"][0]
+
+    def evaluate(self, batch: dict, prefix: str) -> None:
+        self._update_and_log(prefix, self._step(batch, prefix))
+
+
+class SFTModule(PreferenceModule):
+    """Supervised fine-tuning on the chosen responses: the mean negative log-likelihood of their tokens.
+
+    A baseline for WSPO on the same text: does aligning to the weak pair's shift beat plain fine-tuning on
+    the positive responses? No frozen model: nothing loads but the policy.
+
+    Args: see PreferenceModule (`reference` is unused).
+    """
+
+    metric_names = ["loss", "logps/chosen"]
+
+    def _live_roles(self) -> set[str]:
+        return set()
+
+    def required_cache_values(self) -> list[str]:
+        return []
+
+    def cacheable_values(self, reference: bool = True) -> list[str]:
+        raise InputError("SFTModule uses no frozen model: there is nothing to precompute")
+
+    def _step(self, batch: dict) -> dict[str, tuple[Tensor, Any]]:
+        policy, mask = response_logps(self.policy, *sequences(batch, "chosen"))
+        tokens = mask.sum()
+        per_sequence = losses.sequence_logps(policy, mask)  # [B]
+        return {
+            "loss": (-per_sequence.sum() / tokens.clamp(min=1), tokens),
+            "logps/chosen": (per_sequence.detach(), 1.0),
+        }
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        values = self._step(batch)
+        self._log_step(values, batch_size=batch["chosen_input_ids"].shape[0])
+        return values["loss"][0]
+
+    def evaluate(self, batch: dict, prefix: str) -> None:
+        self._update_and_log(prefix, self._step(batch))

@@ -1,0 +1,153 @@
+"""`WSPOModule`: weak-to-strong preference optimisation, the token-level loss of docs/design.md."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor
+
+from wspo_lightning import losses
+from wspo_lightning.errors import InputError
+from wspo_lightning.logprobs import response_logps, response_mask
+from wspo_lightning.models import (
+    ModelSpec,
+    as_spec,
+)
+from wspo_lightning.module.base import PreferenceModule, step_rows
+
+log = logging.getLogger(__name__)
+
+
+class WSPOModule(PreferenceModule):
+    """Weak-to-strong preference optimisation (arXiv 2410.18640), token-level loss of docs/design.md.
+
+    Args:
+        weak_base: the weak model before alignment (frozen).
+        weak_aligned: the same weak model after alignment (frozen).
+        gamma: alignment strength; the authors' `pref_beta = b` corresponds to gamma = 1/b.
+            A GammaSchedule callback may change `self.gamma` during training.
+        train_on_rejected: also train on rejected responses (extra text; off, as in the design).
+        Other arguments: see PreferenceModule.
+    """
+
+    metric_names = [
+        "loss",
+        "wspo/delta_strong",
+        "wspo/delta_weak",
+        "wspo/residual",
+        "logratio/policy_reference",
+        "rewards/weak_margin",
+        "rewards/weak_accuracy",
+        "rewards/strong_margin",
+        "rewards/strong_accuracy",
+    ]
+
+    def __init__(
+        self,
+        policy: ModelSpec,
+        weak_base: ModelSpec,
+        weak_aligned: ModelSpec,
+        reference: ModelSpec | None = None,
+        gamma: float = 1.0,
+        train_on_rejected: bool = False,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.1,
+        freeze_embeddings: bool = False,
+        disable_dropout: bool = True,
+        cache_dir: str | None = None,
+    ) -> None:
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise InputError(f"model.gamma must be a finite positive number, got {gamma}")
+        super().__init__(
+            policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings, disable_dropout, cache_dir
+        )
+        self.weak_base_spec, self.weak_aligned_spec = as_spec(weak_base), as_spec(weak_aligned)
+        self.gamma = float(gamma)  # documented hook: GammaSchedule sets it before each training batch
+
+    @property
+    def trains_on_pairs(self) -> bool:
+        return self.hparams.train_on_rejected
+
+    def frozen_specs(self) -> dict[str, ModelSpec]:
+        return {"weak_base": self.weak_base_spec, "weak_aligned": self.weak_aligned_spec}
+
+    def required_cache_values(self) -> list[str]:
+        return ["delta_weak"]
+
+    def cacheable_values(self, reference: bool = True) -> list[str]:
+        return ["delta_weak"] + (["reference"] if reference else [])
+
+    def _step_logps(self, batch: dict, split: str, pairs: bool) -> dict[str, Tensor]:
+        """Per-token log-probs of a step's rows (chosen, then rejected with `pairs`), each [rows, T']: the policy
+        (with grad), the reference and the weak pair, frozen values from the cache where it has them.
+
+        A cached delta_weak stands in as weak_aligned with zeros as weak_base (the loss and rewards use only
+        their difference)."""
+        sides, rows = step_rows(batch, pairs)
+        policy, mask = response_logps(self.policy, *rows)
+        cached = self.cached(batch, split, sides, mask)
+        reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
+        if "delta_weak" in cached:
+            weak_aligned, weak_base = cached["delta_weak"], torch.zeros_like(cached["delta_weak"])
+        else:
+            weak_aligned, weak_base = self.frozen.logps("weak_aligned", *rows), self.frozen.logps("weak_base", *rows)
+        return {
+            "policy": policy,
+            "reference": reference,
+            "weak_aligned": weak_aligned,
+            "weak_base": weak_base,
+            "mask": mask,
+        }
+
+    def _loss_and_stats(self, lp: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        args = (lp["policy"], lp["reference"], lp["weak_aligned"], lp["weak_base"], lp["mask"], self.gamma)
+        return losses.wspo_loss(*args), losses.wspo_token_stats(*args)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        lp = self._step_logps(batch, "train", self.hparams.train_on_rejected)
+        loss, stats = self._loss_and_stats(lp)
+        rows, tokens = lp["mask"].shape[0], lp["mask"].sum()
+        self.log("train/wspo/gamma", self.gamma, batch_size=rows)
+        values = {
+            "loss": (loss, rows),
+            **{f"wspo/{name}": (stats[name], tokens) for name in stats},
+            "logratio/policy_reference": (stats["delta_strong"], tokens),
+        }
+        self._log_step(values, batch_size=rows)
+        return loss
+
+    def evaluate(self, batch: dict, prefix: str) -> dict[str, Tensor]:
+        n = batch["chosen_input_ids"].shape[0]
+        lp = self._step_logps(batch, prefix, pairs=True)
+        chosen = {k: v[:n] for k, v in lp.items()}
+        loss, stats = self._loss_and_stats(chosen)
+        tokens = chosen["mask"].sum()
+        values = {"loss": (loss, n), "logratio/policy_reference": (stats["delta_strong"], tokens)}
+        values.update({f"wspo/{k}": (v, tokens) for k, v in stats.items()})
+        outputs = {}
+        if "rejected_input_ids" in batch:
+            for kind, (a, b) in {"weak": ("weak_aligned", "weak_base"), "strong": ("policy", "reference")}.items():
+                rewards = losses.implicit_reward(lp[a], lp[b], lp["mask"])  # [2n]
+                margin, correct = losses.reward_margin(rewards[:n], rewards[n:])
+                values[f"rewards/{kind}_margin"] = (margin, 1.0)
+                values[f"rewards/{kind}_accuracy"] = (correct, 1.0)
+                outputs[f"{kind}_chosen"], outputs[f"{kind}_rejected"] = rewards[:n].detach(), rewards[n:].detach()
+        self.log(f"{prefix}/wspo/gamma", self.gamma, batch_size=n)
+        self._update_and_log(prefix, values)
+        return outputs
+
+    @torch.no_grad()
+    def weak_reward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
+        """reward_weak(x, y) = sum_t delta_weak(t) for each row: [B]. Used by SampleTable.
+
+        NaN when the weak pair is not loaded (its values come from a cache, which holds no new text)."""
+        if "weak_aligned" not in self.frozen:
+            if not getattr(self, "_warned_no_weak_pair", False):
+                log.warning("weak_reward: the weak pair is not loaded (cache_dir), weak rewards of new text are NaN")
+                self._warned_no_weak_pair = True
+            return torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
+        delta = self.frozen.delta_weak(input_ids, attention_mask, labels)
+        return losses.implicit_reward(delta, torch.zeros_like(delta), response_mask(labels))
