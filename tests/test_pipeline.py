@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import LetterReward
+from helpers import LetterReward, write_turn_ender
 
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.errors import InputError
@@ -224,3 +224,43 @@ def test_loaded_models_feed_the_lm_head_a_contiguous_slice_with_unchanged_logits
     got, want = (m(input_ids=ids, logits_to_keep=4).logits for m in (ours, plain))
     assert seen == [True, False]  # without the copy, transformers hands the lm_head a strided slice
     assert torch.equal(got, want)
+
+
+def test_turn_ends_travel_from_sampling_through_pairs_to_training_and_distillation(prompts, tmp_path):
+    """With a Qwen2-base-shaped tokenizer (turns end with <|im_end|>, eos is <|endoftext|>): sampling stops at
+    <|im_end|>; a finished sample keeps it, a sample cut by the length limit has none, and both arrive as drawn
+    in the pairs, in what the data module trains on and in what distillation trains on."""
+    from wspo_lightning.data import PreferenceDataModule
+    from wspo_lightning.pipeline.distill import _examples
+
+    tokenizer = build_tokenizer(shape="qwen2_base")
+    ender = write_turn_ender(tmp_path / "ender", tokenizer, "<|im_end|>", logit=5.0)  # ends 1 step in 3
+    end_of_turn, eos = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    samples = read_jsonl(
+        sample(ModelSpec(str(ender)), str(prompts), str(tmp_path / "s.jsonl"), num_samples=4, max_new_tokens=4, seed=0)
+    )
+    finished = [r for r in samples if r["finished"]]
+    cut = [r for r in samples if not r["finished"]]
+    assert finished and cut  # both kinds, to test both
+    assert all(r["response_ids"][-1] == end_of_turn and r["response_ids"].count(end_of_turn) == 1 for r in finished)
+    assert all(len(r["response_ids"]) == 4 and {end_of_turn, eos}.isdisjoint(r["response_ids"]) for r in cut)
+
+    scored = score(str(tmp_path / "s.jsonl"), str(tmp_path / "scored.jsonl"), reward=LetterReward())
+    made = read_jsonl(pairs(str(scored), str(tmp_path / "pairs.jsonl")))
+    drawn = {(r["id"], r["response"]): r for r in samples}
+    for pair in made:
+        for side in ("chosen", "rejected"):
+            source = drawn[(pair["id"], pair[side])]
+            assert pair[f"{side}_ids"] == source["response_ids"] and pair[f"{side}_finished"] == source["finished"]
+
+    dm = PreferenceDataModule(str(tmp_path / "pairs.jsonl"), str(ender), val_fraction=0, batch_size=1)
+    dm.setup("fit")
+    for pair, feature in zip(made, dm.features["train"]):
+        for side in ("chosen", "rejected"):
+            assert feature[f"{side}_ids"] == pair[f"{side}_ids"]
+            assert (feature[f"{side}_ids"][-1] == end_of_turn) == pair[f"{side}_finished"]
+
+    trained = _examples(Renderer(tokenizer), samples, "s.jsonl", max_length=256)
+    for record, example in zip(samples, trained):
+        labels = example["labels"][example["labels"] != -100].tolist()
+        assert labels == record["response_ids"]

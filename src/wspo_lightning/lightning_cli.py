@@ -180,7 +180,7 @@ def precompute_main(argv: Sequence[str]) -> int:
 def precompute(argv: Sequence[str], command: str | None = None) -> Path:
     """`wspo precompute --config FIT.yaml [--precompute.reference false] [--precompute.batch_size N] [overrides]`:
     one pass of the frozen models of a fit config (weak pair, and the reference unless told otherwise) over
-    its training and validation data, cached in model.cache_dir, so that `wspo fit` with the same config
+    its training, validation and test data, cached in model.cache_dir, so that `wspo fit` with the same config
     loads only the policy. `command`: how to rebuild the cache, for the manifest (default: `argv`'s command).
     Returns the cache folder."""
     from lightning.pytorch.cli import SaveConfigCallback

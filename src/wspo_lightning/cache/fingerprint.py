@@ -87,11 +87,11 @@ def split_fingerprint(features: Sequence[dict]) -> str:
 
 
 def data_features(datamodule: Any) -> dict[str, list[dict]]:
-    """Tokenized records per split ('train', 'val') of a set-up PreferenceDataModule."""
+    """Tokenized records per split ('train', 'val', 'test') of a set-up PreferenceDataModule."""
     features = getattr(datamodule, "features", None)
     if not features:
         raise InputError("a logps cache needs the PreferenceDataModule (trainer.datamodule), set up")
-    return {split: list(features.get(split) or []) for split in ("train", "val")}
+    return {split: list(features.get(split) or []) for split in ("train", "val", "test")}
 
 
 def describe(objective: Any, datamodule: Any, values: Sequence[str], known: dict | None = None) -> dict:

@@ -104,7 +104,7 @@ def build_cache(
     batch_size: int | None = None,
     command: str | None = None,
 ) -> Path:
-    """Compute `values` of `objective` (a PreferenceModule) on the training and validation data of `datamodule`
+    """Compute `values` of `objective` (a PreferenceModule) on the train, val and test data of `datamodule`
     with `trainer`, and write the cache to `folder` (see `cache.store`). `command`: how to rebuild it, kept in
     the manifest for the message that refuses a stale cache."""
     folder = Path(folder)

@@ -160,9 +160,14 @@ class PreferenceDataModule(pl.LightningDataModule):
         # Lightning reads [] as "no validation" (and warns that its length is zero)
         return self._loader(features, self.eval_batch_size, None) if features else []
 
+    @property
+    def test_split(self) -> str:
+        """The split `wspo test` reads: "test" with a test_path, else "val"."""
+        return "test" if self.test_path else "val"
+
     def test_dataloader(self) -> DataLoader | list:
         """The test data (`test_path`); without one, the validation data."""
-        features = self.features["test"] if self.test_path else self.features["val"]
+        features = self.features[self.test_split]
         return self._loader(features, self.eval_batch_size, None) if features else []
 
     def _loader(

@@ -178,6 +178,8 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         """Cached values for the step's rows ([len(sides) * B, T'] each, in `mask`'s layout); {} without a cache."""
         if self.cache is None:
             return {}
+        if split == "test":  # `wspo test` without a test_path reads the validation data
+            split = getattr(self.trainer.datamodule, "test_split", split)
         return self.cache.lookup(split, batch["index"], sides, mask)
 
     # ---- optimisation ------------------------------------------------------------------
