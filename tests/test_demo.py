@@ -7,8 +7,15 @@ measured by hand (see the README), not in CI.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
 from helpers import LetterReward
 
 from wspo_lightning.cli import main as wspo_main
@@ -25,11 +32,16 @@ ROWS = [
     "strong base",
     "strong + WSPO (gamma=1)",
     "strong + WSPO (gamma=2)",
+    "strong + WSPO (gamma=1, sign control: weak pair swapped)",
     "strong + DPO",
+    "strong + SFT (chosen responses)",
     "strong + proxy (alpha=1)",
+    "strong base (search sampler)",
+    "strong + best-of-4",
     "strong + CBS",
     "strong + WSPO (gamma=1) + CBS",
 ]
+SEARCH_ROWS = ROWS[10:]
 RESULT_KEYS = {
     "name",
     "gold_reward_mean",
@@ -40,11 +52,13 @@ RESULT_KEYS = {
     "distinct_2",
     "diff_vs_baseline",
     "diff_vs_baseline_ci",
+    "baseline",
 }
 
 
 TINY = DemoSettings(
     n_train_prompts=24,
+    n_tuning_prompts=0,
     n_eval_prompts=4,
     eval_samples=2,
     max_new_tokens=8,
@@ -53,6 +67,7 @@ TINY = DemoSettings(
     weak_layers=1,
     distill_epochs=1,
     weak_dpo_epochs=1,
+    strong_epochs=1,
     gammas=[1.0, 2.0],
     batch_size=4,
     val_fraction=0.2,
@@ -60,10 +75,14 @@ TINY = DemoSettings(
 )
 
 
+def tiny_strong(root: Path) -> Path:
+    return write_tiny_model(root / "strong", "llama", num_layers=2, hidden_size=64, tokenizer=build_tokenizer())
+
+
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    strong = write_tiny_model(root / "strong", "llama", num_layers=2, hidden_size=64, tokenizer=build_tokenizer())
+    strong = tiny_strong(root)
     out = root / "out"
     results = command.run_demo(str(out), strong=str(strong), reward=LetterReward(), settings=TINY)
     return out, strong, results
@@ -82,7 +101,9 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
         "models/weak_aligned/model.safetensors",
         "models/wspo_gamma1/model.safetensors",
         "models/wspo_gamma2/model.safetensors",
-        "models/strong_dpo/model.safetensors",
+        "models/wspo_gamma1_sign_control/model.safetensors",
+        "models/dpo/model.safetensors",
+        "models/sft/model.safetensors",
         "runs/distill/logs/metrics.csv",
         "plots/gold_reward.png",
         "plots/reward_vs_kl.png",
@@ -93,42 +114,55 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
         "settings.json",
     ]:
         assert (out / path).exists(), path
-    for run in ["weak_dpo", "wspo_gamma1", "wspo_gamma2", "strong_dpo"]:
+    fits = ["weak_dpo", "wspo_gamma1", "wspo_gamma2", "wspo_gamma1_sign_control", "dpo", "sft"]
+    for run in fits:
         assert (out / "configs" / f"{run}.yaml").exists(), run  # resolved by LightningCLI
         assert "train/loss" in (out / "runs" / run / "logs" / "metrics.csv").read_text()
-    assert len(list((out / "wandb").glob("offline-run-*"))) == 4
+    assert len(list((out / "wandb").glob("offline-run-*"))) == len(fits)
     for gamma in ("1", "2"):  # both WSPO fits read the frozen roles from the one cache
         assert (
             f"cache_dir: {out / 'data' / 'wspo_frozen_cache'}\n"
             in (out / f"configs/wspo_gamma{gamma}.yaml").read_text()
         )
+    # the sign control's weak pair is the same one, swapped
+    control = (out / "configs/wspo_gamma1_sign_control.yaml").read_text()
+    assert control.index(str(out / "models/weak_aligned")) < control.index(str(out / "models/weak_base"))
+    # one rule for every strong fit: the same learning rate, epochs and frozen embeddings
+    for run in ("wspo_gamma1", "dpo", "sft"):
+        resolved = (out / "configs" / f"{run}.as_given.yaml").read_text()
+        config = yaml.safe_load(resolved)["model"]["init_args"]
+        assert config["learning_rate"] == TINY.strong_learning_rate and config["freeze_embeddings"] is True
+    assert "freeze_embeddings: false" in (out / "configs" / "weak_dpo.as_given.yaml").read_text()
     assert json.loads((out / "models/weak_base/config.json").read_text())["num_hidden_layers"] == 1
 
     assert [r["name"] for r in results] == ROWS
     assert json.loads((out / "results.json").read_text()) == results
     for row in results:
         assert RESULT_KEYS <= set(row)
-        per_prompt = TINY.cbs_samples if row["name"].endswith("CBS") else TINY.eval_samples
+        per_prompt = TINY.search_samples if row["name"] in SEARCH_ROWS else TINY.eval_samples
         assert row["n"] == TINY.n_eval_prompts * per_prompt
         low, high = row["gold_reward_ci"]
         assert low <= row["gold_reward_mean"] <= high
+        assert row["baseline"] == ("strong base (search sampler)" if row["name"] in SEARCH_ROWS else "strong base")
+        assert (row["kl"] is None) == (row["name"] in SEARCH_ROWS)  # a selection has no likelihood
     strong_base = results[2]
     assert abs(strong_base["kl"]) < 1e-2 and strong_base["diff_vs_baseline"] == 0.0
-    proxy, cbs, wspo_cbs = results[6:]
-    assert cbs["kl"] is None and wspo_cbs["kl"] is None  # a search has no likelihood
-    # the proxy row's KL: its sampler's log-likelihoods minus the strong base's, averaged over its samples
-    sampled = read_jsonl(out / "samples" / "eval" / "06_strong___proxy__alpha_1.scored.jsonl")
-    reference = read_jsonl(out / "results_logps" / "06.jsonl")
-    expected = sum(s["logp"] - r["ref_logp"] for s, r in zip(sampled, reference)) / len(sampled)
-    assert proxy["kl"] == pytest.approx(expected, abs=1e-6)
+    # a row's KL: its sampler's log-likelihoods minus the strong base's, averaged over its samples
+    for index in (8, 9):  # proxy (untempered) and the strong base under the search sampler
+        slug = next((out / "samples" / "eval").glob(f"{index:02d}_*.scored.jsonl"))
+        sampled, reference = read_jsonl(slug), read_jsonl(out / "results_logps" / f"{index:02d}.jsonl")
+        expected = sum(s["logp"] - r["ref_logp"] for s, r in zip(sampled, reference)) / len(sampled)
+        assert results[index]["kl"] == pytest.approx(expected, abs=1e-6)
+    assert results[9]["kl"] > 0  # temperature 0.7 and top-k 50 move the sampler away from the model
     report = (out / "report.md").read_text()
-    assert "| strong + WSPO (gamma=2) |" in report and "amplif" in report
-    assert "| strong + CBS |" in report and "n/a (search)" in report
+    assert "| strong + WSPO (gamma=2) |" in report and "amplif" in report and "sign control" in report
+    assert "| strong + CBS |" in report and "n/a (selection)" in report
+    assert "Precision of every stage:" in report and "What one seed can show" in report
 
 
 def test_demo_decoding_rows_are_what_their_method_writes(demo_run):
-    """The CBS rows carry the best beam's weak-pair score, recomputed here from the text by the weak pair;
-    the proxy row's likelihoods make its KL estimate (one per response) positive on average."""
+    """The best-of-N and CBS rows carry the weak-pair score of what they kept, recomputed here by the weak pair,
+    and were drawn with the search's sampler."""
     from wspo_lightning.decoding.scorer import WeakPairScorer
     from wspo_lightning.models import ModelSpec, load_model, load_tokenizer
 
@@ -138,11 +172,14 @@ def test_demo_decoding_rows_are_what_their_method_writes(demo_run):
         for role in ("weak_aligned", "weak_base")
     }
     scorer = WeakPairScorer(weak["weak_aligned"], weak["weak_base"], load_tokenizer(ModelSpec(str(strong))))
-    rows = read_jsonl(out / "samples/eval/07_strong___CBS.scored.jsonl")
-    assert len(rows) == TINY.n_eval_prompts * TINY.cbs_samples
-    assert all(r["settings"]["method"] == "cbs" and r["logp"] is None for r in rows)
-    expected = scorer.score_ids(scorer.prompt_ids([r["prompt"] for r in rows]), [r["response_ids"] for r in rows])
-    assert [r["score"] for r in rows] == pytest.approx(expected, abs=0.05)  # bfloat16 scoring
+    for method, index in (("bon", 10), ("cbs", 11)):
+        rows = read_jsonl(next((out / "samples" / "eval").glob(f"{index:02d}_*.scored.jsonl")))
+        assert len(rows) == TINY.n_eval_prompts * TINY.search_samples
+        assert all(r["settings"]["method"] == method and r["logp"] is None for r in rows)
+        assert all(r["settings"]["temperature"] == 0.7 and r["settings"]["top_k"] == 50 for r in rows)
+        prompts = scorer.prompt_ids([r["prompt"] for r in rows])
+        expected = scorer.score_ids(prompts, [r["response_ids"] for r in rows])
+        assert [r["score"] for r in rows] == pytest.approx(expected, abs=0.05)  # bfloat16 scoring
 
 
 def test_demo_rerun_skips_finished_stages_and_prints_the_table(demo_run, capsys):
@@ -154,12 +191,39 @@ def test_demo_rerun_skips_finished_stages_and_prints_the_table(demo_run, capsys)
     assert (out / "models/wspo_gamma1/model.safetensors").stat().st_mtime == stamp
     printed = capsys.readouterr()
     assert "| strong + DPO |" in printed.out
-    assert printed.err.count("skip:") >= 15
+    assert printed.err.count("skip:") >= 25
 
 
-def test_heldout_prompts_are_never_training_prompts():
-    train, held_out = split_prompts(256, 60)
-    assert len({r["prompt"] for r in train} | {r["prompt"] for r in held_out}) == 316
+KILLED_RUN = """
+import sys
+sys.path.insert(0, {tests!r})
+from helpers import LetterReward
+from test_demo import TINY
+from wspo_lightning.demo.command import run_demo
+run_demo({out!r}, strong={strong!r}, reward=LetterReward(), settings=TINY)
+"""
+
+
+def test_a_demo_killed_mid_stage_and_rerun_ends_as_an_uninterrupted_run(demo_run, tmp_path):
+    """kill -9 while the first WSPO fit trains (its log exists, its model not yet), then rerun: every stage's
+    output was whole or absent, so the rerun redoes what was cut and ends with the same results."""
+    _, strong, uninterrupted = demo_run
+    out = tmp_path / "out"
+    code = KILLED_RUN.format(tests=str(Path(__file__).parent), out=str(out), strong=str(strong))
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = out / "runs" / "wspo_gamma1" / "logs" / "metrics.csv"
+    while not marker.exists() and process.poll() is None:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL  # killed, not finished
+    assert not (out / "models" / "wspo_gamma1").exists() and (out / "models" / "weak_aligned").exists()
+    assert command.run_demo(str(out), strong=str(strong), reward=LetterReward(), settings=TINY) == uninterrupted
+
+
+def test_training_tuning_and_heldout_prompts_are_disjoint():
+    train, tuning, held_out = split_prompts(256, 40, 60)
+    assert (len(train), len(tuning), len(held_out)) == (256, 40, 60)
+    assert len({r["prompt"] for r in train + tuning + held_out}) == 356
 
 
 def test_wspo_demo_command_passes_preset_and_overrides(monkeypatch, tmp_path):

@@ -4,12 +4,14 @@
       -> sample on train prompts -> distil 4 of its 30 layers      = weak base
       -> weak samples -> gold reward (VADER) -> pairs -> DPO          = weak aligned
       -> frozen roles' log-probs cached once -> WSPO of the strong model per gamma (policy only);
-         DPO of the strong model on the same pairs
-      -> test-time decoding with the same weak pair: proxy sampling, CBS, CBS over the WSPO model
-      (every row is sampled on the held-out prompts and scored as soon as its model exists)
+         baselines on the same pairs: DPO, SFT, and WSPO with the weak pair swapped (the sign control)
+      -> test-time decoding with the same weak pair: proxy sampling; with the search's own sampler the
+         strong base, best-of-N, CBS, and CBS over the WSPO model
+      (every row is sampled on the evaluation prompts and scored as soon as its model exists)
       -> evaluate -> report
 
-Every stage skips itself when its output exists (rerun to resume; --force redoes).
+Every stage writes its output whole or not at all and skips itself when the output exists: a run killed at
+any point and rerun ends as an uninterrupted one (--force redoes everything).
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from wspo_lightning.demo.fits import dpo_config, gamma_slug, wspo_config
+from wspo_lightning.demo.fits import gamma_slug, strong_config, weak_dpo_config, wspo_args
 from wspo_lightning.demo.prompts import split_prompts
+from wspo_lightning.demo.rows import STRONG_BASE, Rows
 from wspo_lightning.demo.settings import PRESETS, DemoSettings
 from wspo_lightning.demo.strong import strong_model_dir
-from wspo_lightning.io import atomic_path, read_jsonl, write_jsonl
+from wspo_lightning.hardware import Precision, choose_precision
+from wspo_lightning.io import atomic_path, write_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.distill import distill
-from wspo_lightning.pipeline.evaluate import EvalRow, evaluate
+from wspo_lightning.pipeline.evaluate import evaluate
 from wspo_lightning.pipeline.fit import fit
 from wspo_lightning.pipeline.pairs import pairs
 from wspo_lightning.pipeline.sample import sample
@@ -38,17 +42,22 @@ from wspo_lightning.pipeline.score import score
 from wspo_lightning.pipeline.stage import RUNS, done, say
 
 VADER = "wspo_lightning.rewards.VaderReward"
+SEARCH_BASE = "strong base (search sampler)"
+
+
+def write_json(path: Path, value: Any) -> None:
+    """A JSON file written whole or not at all (a kill mid-write leaves the previous one)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(value, indent=2) + "\n")
 
 
 class Timer:
     """Wall time per stage, saved to `timings.json` as the run goes. A stage skipped in this run
     keeps the time recorded when it last did its work, so the file always describes a whole run."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.start = path, time.perf_counter()
-        self.stages: dict[str, float] = {}
-        if path.exists():
-            self.stages = json.loads(path.read_text()).get("stages", {})
+    def __init__(self, path: Path, precision: Precision) -> None:
+        self.path, self.start, self.precision = path, time.perf_counter(), precision
+        self.stages: dict[str, float] = json.loads(path.read_text()).get("stages", {}) if path.exists() else {}
 
     @contextmanager
     def __call__(self, name: str):
@@ -56,12 +65,16 @@ class Timer:
         yield
         if RUNS["ran"] > ran or name not in self.stages:
             self.stages[name] = round(time.perf_counter() - start, 1)
-        self.path.write_text(
-            json.dumps(
-                {"stages": self.stages, "total": self.total, "this_run": round(time.perf_counter() - self.start, 1)},
-                indent=2,
-            )
-            + "\n"
+        this_run = round(time.perf_counter() - self.start, 1)
+        write_json(
+            self.path,
+            {
+                "stages": self.stages,
+                "total": self.total,
+                "this_run": this_run,
+                "precision": asdict(self.precision),
+                "cpus": os.cpu_count(),
+            },
         )
 
     @property
@@ -69,39 +82,12 @@ class Timer:
         return round(sum(self.stages.values()), 1)
 
 
-def bf16(path: Path) -> ModelSpec:
-    """Frozen models sample and score in bfloat16: on CPU steadier and several times faster than float32."""
-    return ModelSpec(str(path), dtype="bfloat16")
-
-
-def decode(s: DemoSettings, method: str, strong: Path, models: Path, prompts: Path, out: Path, force: bool) -> None:
-    """`wspo generate` (proxy or CBS, steered by the demo's weak pair) on the held-out prompts, each prompt
-    `eval_samples` times (CBS: `cbs_samples`), with the sampling stages' length limit and temperature."""
-    from wspo_lightning.decoding.command import GenerateConfig, generate
-
-    if done("generate", out, force):
-        return
-    cbs = method == "cbs"
-    repeated = out.with_name(f"{out.stem}.prompts.jsonl")
-    write_jsonl(repeated, [r for r in read_jsonl(prompts) for _ in range(s.cbs_samples if cbs else s.eval_samples)])
-    generate(
-        GenerateConfig(
-            strong=bf16(strong),
-            weak_base=bf16(models / "weak_base"),
-            weak_aligned=bf16(models / "weak_aligned"),
-            prompts=str(repeated),
-            output=str(out),
-            method=method,
-            alpha=s.proxy_alpha,
-            beam_width=s.cbs_beam_width,
-            num_continuations=s.cbs_continuations,
-            chunk_length=s.cbs_chunk_length,
-            max_new_tokens=s.max_new_tokens,
-            seed=s.seed + 2,
-            batch_size=max(s.sample_batch_size // (s.cbs_beam_width * s.cbs_continuations if cbs else 1), 1),
-        )
-    )
-    repeated.unlink()
+def resolve_precision(s: DemoSettings) -> Precision:
+    """The settings' precision, or the CPU's choice ("auto"); one for every stage of the run."""
+    if s.precision == "auto":
+        return choose_precision()
+    dtype, trainer = ("bfloat16", "bf16-mixed") if s.precision == "bf16" else ("float32", "32-true")
+    return Precision(choose_precision().device, dtype, trainer, f"settings.precision={s.precision}")
 
 
 def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> None:
@@ -148,157 +134,140 @@ def run_demo(
     root = Path(out)
     data, models, samples, runs = (root / d for d in ("data", "models", "samples", "runs"))
     root.mkdir(parents=True, exist_ok=True)
-    settings_file, settings_text = root / "settings.json", json.dumps(asdict(s), indent=2) + "\n"
-    if settings_file.exists() and settings_file.read_text() != settings_text and not force:
+    settings_file = root / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(s) and not force:
         say(
             "demo",
             f"warning: {out} holds outputs made with other settings; stages whose outputs exist are "
             "still skipped. Use --force or another --out to redo them with these settings.",
         )
-    settings_file.write_text(settings_text)
-    timer = Timer(root / "timings.json")
+    write_json(settings_file, asdict(s))
+    p = resolve_precision(s)
+    say("demo", f"precision: {p.dtype} weights, trainer precision {p.trainer_precision} ({p.reason})")
+    timer = Timer(root / "timings.json", p)
 
     with timer("strong model"):
         strong_dir = Path(strong) if strong else strong_model_dir(cache_dir)
-    sampling = dict(max_new_tokens=s.max_new_tokens, batch_size=s.sample_batch_size, force=force)
-
-    train_prompts, eval_prompts = data / "prompts_train.jsonl", data / "prompts_heldout.jsonl"
-    train, held_out = split_prompts(s.n_train_prompts, s.n_eval_prompts, seed=s.seed)
+    train, tuning, held_out = split_prompts(s.n_train_prompts, s.n_tuning_prompts, s.n_eval_prompts, seed=s.seed)
+    train_prompts, eval_prompts = data / "prompts_train.jsonl", data / f"prompts_{s.eval_on}.jsonl"
     write_jsonl(train_prompts, train)
-    write_jsonl(eval_prompts, held_out)
-
-    eval_rows: list[EvalRow] = []
-
-    def held_out(name: str, model: Path, method: str = "sample") -> None:
-        """Sample (or decode with `method`: proxy, cbs) and score one row on the held-out prompts as soon
-        as its model exists (same length limit, temperature and seed for every row), so a stopped run
-        keeps every finished row."""
-        slug = f"{len(eval_rows):02d}_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
-        raw, scored = samples / "eval" / f"{slug}.jsonl", samples / "eval" / f"{slug}.scored.jsonl"
-        with timer(f"held-out samples: {name}"):
-            if method == "sample":
-                sample(
-                    bf16(model), str(eval_prompts), str(raw), num_samples=s.eval_samples, seed=s.seed + 2, **sampling
-                )
-            else:
-                decode(s, method, model, models, eval_prompts, raw, force)
-            score(str(raw), str(scored), reward=reward, force=force)
-        eval_rows.append(EvalRow(name, str(scored)))
+    write_jsonl(eval_prompts, held_out if s.eval_on == "heldout" else tuning)
+    weak_base, weak_aligned, pairs_file = models / "weak_base", models / "weak_aligned", data / "pairs.jsonl"
+    rows = Rows(s, p.dtype, eval_prompts, samples / "eval", (weak_base, weak_aligned), reward, timer, force)
+    spec = rows.spec
+    training = dict(max_new_tokens=s.max_new_tokens, batch_size=s.sample_batch_size, top_k=s.train_top_k, force=force)
 
     # 1. Weak base: 4 of the strong model's layers, distilled on its own samples.
     with timer("weak base: strong samples"):
         sample(
-            bf16(strong_dir),
+            spec(strong_dir),
             str(train_prompts),
             str(samples / "strong_train.jsonl"),
             seed=s.seed,
             limit=s.distill_prompts,
-            **sampling,
+            **training,
         )
     with timer("weak base: distil"):
         distill(
             ModelSpec(str(strong_dir)),
             str(samples / "strong_train.jsonl"),
-            str(models / "weak_base"),
+            str(weak_base),
             layers=s.weak_layers,
             epochs=s.distill_epochs,
             learning_rate=s.distill_learning_rate,
             batch_size=s.batch_size,
+            precision=p.trainer_precision,
             seed=s.seed,
             log_dir=str(runs / "distill"),
             force=force,
         )
-    held_out("weak base", models / "weak_base")
+    rows.sampled("weak base", weak_base)
 
     # 2. Weak aligned: DPO on pairs of weak samples labelled by the gold reward.
     with timer("weak aligned: samples, reward, pairs"):
+        weak_samples = samples / "weak_train.jsonl"
         sample(
-            bf16(models / "weak_base"),
+            spec(weak_base),
             str(train_prompts),
-            str(samples / "weak_train.jsonl"),
+            str(weak_samples),
             num_samples=s.weak_samples,
             seed=s.seed + 1,
-            **sampling,
+            **training,
         )
-        score(str(samples / "weak_train.jsonl"), str(samples / "weak_train.scored.jsonl"), reward=reward, force=force)
-        pairs(str(samples / "weak_train.scored.jsonl"), str(data / "pairs.jsonl"), force=force)
+        score(str(weak_samples), str(samples / "weak_train.scored.jsonl"), reward=reward, force=force)
+        pairs(str(samples / "weak_train.scored.jsonl"), str(pairs_file), force=force)
     with timer("weak aligned: DPO"):
         fit(
-            dpo_config(
-                s,
-                models / "weak_base",
-                data / "pairs.jsonl",
-                runs / "weak_dpo",
-                root,
-                "weak_dpo",
-                s.weak_dpo_epochs,
-                s.weak_dpo_learning_rate,
-            ),
-            str(models / "weak_aligned"),
+            weak_dpo_config(s, p.trainer_precision, weak_base, pairs_file, runs / "weak_dpo", root),
+            str(weak_aligned),
             str(runs / "weak_dpo"),
             force=force,
         )
-    held_out("weak aligned", models / "weak_aligned")
-    held_out("strong base", strong_dir)
+    rows.sampled("weak aligned", weak_aligned)
+    rows.sampled(STRONG_BASE, strong_dir)
 
-    # 3. Strong: WSPO per gamma, and DPO directly on the same pairs. The frozen roles' values (reference
-    # log-probs, delta_weak) do not depend on gamma: computed once, every WSPO fit loads only the policy.
-    def wspo(gamma: float, name: str, cache: Path | None = None) -> dict:
-        return wspo_config(
-            s,
-            strong_dir,
-            models / "weak_base",
-            models / "weak_aligned",
-            data / "pairs.jsonl",
-            runs / name,
-            root,
-            name,
-            gamma,
-            cache,
-        )
+    # 3. Strong: WSPO per gamma on the chosen responses. The frozen roles' values (reference log-probs,
+    # delta_weak) do not depend on gamma: computed once, every WSPO fit loads only the policy.
+    def strong_fit(objective: str, name: str, **model_args) -> Path:
+        with timer(f"strong {name}"):
+            config = strong_config(
+                s, p.trainer_precision, objective, strong_dir, pairs_file, runs / name, root, name, **model_args
+            )
+            return fit(config, str(models / name), str(runs / name), force=force)
 
-    cache = data / "wspo_frozen_cache"
-    with timer("strong WSPO: precompute frozen roles"):
-        precompute_stage(wspo(s.gammas[0], "wspo_precompute"), cache, runs / "wspo_precompute", force)
+    def wspo(gamma: float, name: str, pair: tuple[Path, Path] = (weak_base, weak_aligned)) -> None:
+        cache = data / f"{name}_frozen_cache" if name.endswith("sign_control") else data / "wspo_frozen_cache"
+        with timer(f"strong {name}: precompute frozen roles"):
+            precompute_stage(
+                strong_config(
+                    s,
+                    p.trainer_precision,
+                    "WSPOModule",
+                    strong_dir,
+                    pairs_file,
+                    runs / f"{name}_precompute",
+                    root,
+                    name,
+                    **wspo_args(*pair, gamma, None),
+                ),
+                cache,
+                runs / f"{name}_precompute",
+                force,
+            )
+        strong_fit("WSPOModule", name, **wspo_args(*pair, gamma, cache))
+
     for gamma in s.gammas:
         name = f"wspo_gamma{gamma_slug(gamma)}"
-        with timer(f"strong WSPO gamma={gamma:g}"):
-            fit(wspo(gamma, name, cache), str(models / name), str(runs / name), force=force)
-        held_out(f"strong + WSPO (gamma={gamma:g})", models / name)
-    with timer("strong DPO"):
-        fit(
-            dpo_config(
-                s,
-                strong_dir,
-                data / "pairs.jsonl",
-                runs / "strong_dpo",
-                root,
-                "strong_dpo",
-                s.strong_dpo_epochs,
-                s.strong_dpo_learning_rate,
-            ),
-            str(models / "strong_dpo"),
-            str(runs / "strong_dpo"),
-            force=force,
-        )
-    held_out("strong + DPO", models / "strong_dpo")
+        wspo(gamma, name)
+        rows.sampled(f"strong + WSPO (gamma={gamma:g})", models / name)
+    if s.baselines:
+        # The sign control: the weak pair swapped, so delta_weak changes sign while the training text stays.
+        wspo(1.0, "wspo_gamma1_sign_control", (weak_aligned, weak_base))
+        rows.sampled("strong + WSPO (gamma=1, sign control: weak pair swapped)", models / "wspo_gamma1_sign_control")
+        strong_fit("DPOModule", "dpo")
+        rows.sampled("strong + DPO", models / "dpo")
+        strong_fit("SFTModule", "sft")
+        rows.sampled("strong + SFT (chosen responses)", models / "sft")
 
     # 4. Test-time weak-to-strong decoding with the same weak pair: no training of the strong model.
     if s.decoding_rows:
-        held_out(f"strong + proxy (alpha={s.proxy_alpha:g})", strong_dir, "proxy")
-        held_out("strong + CBS", strong_dir, "cbs")
+        rows.decoded(f"strong + proxy (alpha={s.proxy_alpha:g})", "proxy", strong_dir)
+        rows.decoded(SEARCH_BASE, "sample", strong_dir)
+        n = s.cbs_beam_width * s.cbs_continuations
+        rows.decoded(f"strong + best-of-{n}", "bon", strong_dir, baseline=SEARCH_BASE)
+        rows.decoded("strong + CBS", "cbs", strong_dir, baseline=SEARCH_BASE)
         first = f"wspo_gamma{gamma_slug(s.gammas[0])}"
-        held_out(f"strong + WSPO (gamma={s.gammas[0]:g}) + CBS", models / first, "cbs")
+        rows.decoded(f"strong + WSPO (gamma={s.gammas[0]:g}) + CBS", "cbs", models / first, baseline=SEARCH_BASE)
 
     # 5. Evaluate: reward intervals, KL to the strong base, diversity, paired differences.
     with timer("evaluate"):
-        evaluate(eval_rows, bf16(strong_dir), str(root / "results.json"), baseline="strong base", force=force)
+        evaluate(rows.rows, spec(strong_dir), str(root / "results.json"), baseline=STRONG_BASE, force=force)
 
-    # 6. Report: table, plots, configs.
+    # 6. Report: table, verdicts, plots, configs.
     from wspo_lightning.demo.report import write_report
 
     with timer("report"):
-        table = write_report(root, eval_rows, timer.stages)
+        table = write_report(root, rows.rows, timer.stages, p)
     minutes = (time.perf_counter() - timer.start) / 60
     say("demo", f"done in {minutes:.1f} min (all stages: {timer.total / 60:.1f} min); report in {root / 'report.md'}")
     print(table)

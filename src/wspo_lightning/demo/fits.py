@@ -1,4 +1,4 @@
-"""The demo's LightningCLI configs: DPO for the weak model and the strong baseline, WSPO for the strong model.
+"""The demo's LightningCLI configs: DPO of the weak model; WSPO, DPO and SFT of the strong model.
 
 Each is the dict form of a `wspo fit --config` YAML; the fit stage saves it beside the run.
 """
@@ -10,11 +10,11 @@ from pathlib import Path
 from wspo_lightning.demo.settings import DemoSettings
 
 
-def _trainer(s: DemoSettings, run_dir: Path, wandb_dir: Path, name: str, epochs: int) -> dict:
+def _trainer(s: DemoSettings, precision: str, run_dir: Path, wandb_dir: Path, name: str, epochs: int) -> dict:
     return {
         "accelerator": "auto",
         "devices": 1,
-        "precision": "bf16-mixed",  # autocast: ~2.5x the float32 speed on CPU (and fast on GPUs), weights stay float32
+        "precision": precision,  # from the CPU: bf16-mixed only where bfloat16 is native (hardware.py)
         "max_epochs": epochs,
         "log_every_n_steps": 1,
         "gradient_clip_val": 1.0,
@@ -35,79 +35,77 @@ def _trainer(s: DemoSettings, run_dir: Path, wandb_dir: Path, name: str, epochs:
     }
 
 
-def _data(s: DemoSettings, pairs: Path) -> dict:
-    return {
-        "train_path": str(pairs),
-        "val_fraction": s.val_fraction,
-        "batch_size": s.batch_size,
-        "max_length": 256,
-        "seed": s.seed,
-    }
-
-
-def _spec(path: Path) -> dict:
-    return {"path": str(path), "dtype": "float32"}
-
-
-def dpo_config(
+def fit_config(
     s: DemoSettings,
-    policy: Path,
+    precision: str,
+    objective: str,
+    model_args: dict,
     pairs: Path,
     run_dir: Path,
     wandb_dir: Path,
     name: str,
     epochs: int,
-    learning_rate: float,
 ) -> dict:
-    """DPO (frozen copy of the policy as reference), embeddings frozen."""
+    """A fit of `objective` (WSPOModule, DPOModule, SFTModule) on the pairs, warm-up 10% then cosine decay."""
     return {
         "seed_everything": s.seed,
-        "trainer": _trainer(s, run_dir, wandb_dir, name, epochs),
-        "model": {
-            "class_path": "wspo_lightning.module.DPOModule",
-            "init_args": {
-                "policy": _spec(policy),
-                "beta": s.dpo_beta,
-                "learning_rate": learning_rate,
-                "warmup_ratio": 0.1,
-                "freeze_embeddings": True,
-            },
+        "trainer": _trainer(s, precision, run_dir, wandb_dir, name, epochs),
+        "model": {"class_path": f"wspo_lightning.module.{objective}", "init_args": {"warmup_ratio": 0.1, **model_args}},
+        "data": {
+            "train_path": str(pairs),
+            "val_fraction": s.val_fraction,
+            "batch_size": s.batch_size,
+            "max_length": 256,
+            "seed": s.seed,
         },
-        "data": _data(s, pairs),
     }
 
 
-def wspo_config(
+def spec(path: Path) -> dict:
+    """Trained or referenced in float32 (under bf16-mixed, autocast computes in bfloat16)."""
+    return {"path": str(path), "dtype": "float32"}
+
+
+def weak_dpo_config(
+    s: DemoSettings, precision: str, weak_base: Path, pairs: Path, run_dir: Path, wandb_dir: Path
+) -> dict:
+    """DPO of every parameter of the weak model, tied embeddings and output layer included: they set the word
+    probabilities the weak pair's signal lives in."""
+    model = {
+        "policy": spec(weak_base),
+        "beta": s.dpo_beta,
+        "learning_rate": s.weak_dpo_learning_rate,
+        "freeze_embeddings": False,
+    }
+    return fit_config(s, precision, "DPOModule", model, pairs, run_dir, wandb_dir, "weak_dpo", s.weak_dpo_epochs)
+
+
+def strong_config(
     s: DemoSettings,
-    policy: Path,
-    weak_base: Path,
-    weak_aligned: Path,
+    precision: str,
+    objective: str,
+    strong: Path,
     pairs: Path,
     run_dir: Path,
     wandb_dir: Path,
     name: str,
-    gamma: float,
-    cache_dir: Path | None = None,
+    **model_args,
 ) -> dict:
-    """WSPO on the chosen responses of the pairs (the rejected ones only feed the validation margins);
-    with `cache_dir` (`wspo precompute`), the frozen roles' values come from there."""
+    """A strong fit under the one rule of every strong fit: `strong_learning_rate`, `strong_epochs`,
+    embeddings frozen. WSPO trains on the chosen responses; DPO on both; SFT on the chosen."""
+    model = {"policy": spec(strong), "learning_rate": s.strong_learning_rate, "freeze_embeddings": True, **model_args}
+    if objective == "DPOModule":
+        model["beta"] = s.dpo_beta
+    return fit_config(s, precision, objective, model, pairs, run_dir, wandb_dir, name, s.strong_epochs)
+
+
+def wspo_args(weak_base: Path, weak_aligned: Path, gamma: float, cache_dir: Path | None) -> dict:
+    """WSPOModule's own arguments; with `cache_dir` (`wspo precompute`) the frozen roles' values come from there."""
     return {
-        "seed_everything": s.seed,
-        "trainer": _trainer(s, run_dir, wandb_dir, name, s.wspo_epochs),
-        "model": {
-            "class_path": "wspo_lightning.module.WSPOModule",
-            "init_args": {
-                "policy": _spec(policy),
-                "weak_base": _spec(weak_base),
-                "weak_aligned": _spec(weak_aligned),
-                "gamma": gamma,
-                "learning_rate": s.wspo_learning_rate,
-                "warmup_ratio": 0.1,
-                "freeze_embeddings": True,
-                "cache_dir": str(cache_dir) if cache_dir else None,
-            },
-        },
-        "data": _data(s, pairs),
+        "weak_base": spec(weak_base),
+        "weak_aligned": spec(weak_aligned),
+        "gamma": gamma,
+        "cache_dir": str(cache_dir) if cache_dir else None,
     }
 
 

@@ -103,7 +103,8 @@ def movie_prompts(n: int, seed: int = 0) -> list[dict]:
     return records
 
 
-def split_prompts(n_train: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    """Disjoint train and held-out prompts (the held-out ones are never trained on)."""
-    records = movie_prompts(n_train + n_eval, seed)
-    return records[:n_train], records[n_train:]
+def split_prompts(n_train: int, n_tuning: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """Disjoint training, tuning and held-out prompts: settings are chosen on the tuning prompts, and the
+    held-out ones serve only the results table (neither is ever trained on)."""
+    records = movie_prompts(n_train + n_tuning + n_eval, seed)
+    return records[:n_train], records[n_train : n_train + n_tuning], records[n_train + n_tuning :]

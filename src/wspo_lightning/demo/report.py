@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,10 +29,20 @@ WEAK_MODEL_NOTE = (
 DECODING_NOTE = (
     "No training of the strong model: the same weak pair steers it while it decodes (`wspo generate`). "
     "Proxy / EFT sampling draws each token from log p_strong + {proxy_alpha} * (log p_weak_aligned - "
-    "log p_weak_base); its KL is estimated from the exact log-likelihood of that sampler. Chunk-level beam "
-    "search keeps W={cbs_beam_width} beams, samples K={cbs_continuations} continuations of L={cbs_chunk_length} "
-    "tokens from each, and keeps the W with the highest weak log-ratio summed over the response so far. "
-    "A search has no likelihood, so its KL is not estimated. The last row runs the search over the WSPO model."
+    "log p_weak_base), untempered; its KL is estimated from the exact log-likelihood of that sampler. The search "
+    "rows use the weak-to-strong search paper's sampler (temperature {search_temperature}, top-k {search_top_k}) and "
+    "are compared with the strong base sampled the same way: best-of-N keeps the best of N = W x K samples by the "
+    "weak log-ratio; chunk-level beam search keeps W={cbs_beam_width} beams, samples K={cbs_continuations} "
+    "continuations of L={cbs_chunk_length} tokens from each, and keeps the W with the highest weak log-ratio summed "
+    "over the response so far. A selection has no tractable likelihood, so their KL is not estimated. The last row "
+    "runs the search over the WSPO model."
+)
+
+ONE_SEED = (
+    "One run is one draw of the whole pipeline: the weak model's samples, its pairs, the training order and the "
+    "evaluation samples all follow one seed. The intervals cover the evaluation prompts and responses, not the "
+    "variation from one pipeline to the next (a different weak pair can be a better or a worse teacher); the README "
+    "gives the spread over seeds."
 )
 
 
@@ -40,13 +51,13 @@ def _fmt_ci(ci: list[float]) -> str:
 
 
 def _fmt_kl(kl: float | None) -> str:
-    return "n/a (search)" if kl is None else f"{kl:.2f}"
+    return "n/a (selection)" if kl is None else f"{kl:.2f}"
 
 
 def markdown_table(results: list[dict]) -> str:
     head = (
-        "| row | gold reward (95% CI) | vs strong base (95% CI) | KL to strong base | length | distinct-2 "
-        "| top word (share) | n |\n|---|---|---|---|---|---|---|---|"
+        "| row | gold reward (95% CI) | vs its baseline (95% CI) | baseline | KL to strong base | length "
+        "| distinct-2 | top word (share) | n |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in results:
@@ -54,40 +65,64 @@ def markdown_table(results: list[dict]) -> str:
         word, share = r.get("top_word", ["", 0.0])
         lines.append(
             f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
-            f"| {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} | {r.get('distinct_2', float('nan')):.2f} "
-            f"| {word} ({share:.0%}) | {r['n']} |"
+            f"| {r.get('baseline') or ''} | {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} "
+            f"| {r.get('distinct_2', float('nan')):.2f} | {word} ({share:.0%}) | {r['n']} |"
         )
     return "\n".join(lines)
 
 
-def verdicts(results: list[dict], rows: list[EvalRow]) -> list[str]:
-    """Plain sentences: does each WSPO row beat the strong base (interval of the difference above 0),
-    and does it beat the weak aligned model (amplification)? Reported either way."""
+def _versus(r: dict) -> str:
+    lo, hi = r["diff_vs_baseline_ci"]
+    beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
+    return (
+        f"- **{r['name']}** {beats} the {r.get('baseline') or 'strong base'}: {r['diff_vs_baseline']:+.3f} "
+        f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
+        + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats.")
+    )
+
+
+def verdicts(results: list[dict], rows: list[EvalRow], max_kl: float = 5.0) -> list[str]:
+    """Plain sentences, reported either way: each strong row against its baseline; the best WSPO row within
+    `max_kl` nats; the sign control's direction; whether a WSPO row beats the weak aligned model (amplification)
+    within `max_kl` and with distinct-2 at least 0.8x the strong base's."""
     by_name = {r["name"]: r for r in results}
     samples = {row.name: read_jsonl(row.samples) for row in rows}
-    lines = []
+    lines = [_versus(r) for r in results if r["name"].startswith("strong + ") and "diff_vs_baseline" in r]
+    wspo = [r for r in results if "WSPO" in r["name"] and "sign control" not in r["name"] and r["kl"] is not None]
+    within = [r for r in wspo if r["kl"] <= max_kl]
+    if within:
+        best = max(within, key=lambda r: r["diff_vs_baseline"])
+        lo, _ = best["diff_vs_baseline_ci"]
+        lines += [
+            "",
+            f"Best WSPO row within {max_kl:g} nats of KL: **{best['name']}**, {best['diff_vs_baseline']:+.3f} "
+            f"over the strong base ({'interval above zero' if lo > 0 else 'interval includes zero'}).",
+        ]
     for r in results:
-        if not r["name"].startswith("strong + "):
-            continue
-        lo, hi = r["diff_vs_baseline_ci"]
-        beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
-        lines.append(
-            f"- **{r['name']}** {beats} the strong base: {r['diff_vs_baseline']:+.3f} "
-            f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
-            + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats.")
-        )
-        if "WSPO" in r["name"] and "weak aligned" in by_name:
+        if "sign control" in r["name"]:
+            direction = (
+                "below zero: the effect follows the weak pair's signal, not the training text"
+                if r["diff_vs_baseline"] < 0
+                else "not below zero"
+            )
+            lines.append(f"The sign control's paired difference is {r['diff_vs_baseline']:+.3f}, {direction}.")
+    base = by_name.get("strong base")
+    if "weak aligned" in by_name and base is not None:
+        for r in wspo:
             diff, ci = paired_difference(samples[r["name"]], samples["weak aligned"])
+            kept = r["kl"] <= max_kl and r.get("distinct_2", 0) >= 0.8 * base.get("distinct_2", 0)
             verdict = (
                 "amplifies: it beats the weak aligned model"
+                if ci[0] > 0 and kept
+                else "beats the weak aligned model, but outside the KL / diversity bounds"
                 if ci[0] > 0
                 else "does not amplify: it is below the weak aligned model"
                 if ci[1] < 0
                 else "does not clearly amplify: it is within noise of the weak aligned model"
             )
             lines.append(
-                f"  It {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; weak aligned "
-                f"{by_name['weak aligned']['gold_reward_mean']:+.3f})."
+                f"- {r['name']} {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; KL {r['kl']:.2f}, distinct-2 "
+                f"{r.get('distinct_2', 0):.2f} vs the base's {base.get('distinct_2', 0):.2f})."
             )
     return lines
 
@@ -171,7 +206,7 @@ def plot_training(runs: dict[str, Path], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> str:
+def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], precision: Any) -> str:
     """Write report.md, plots/*.png and configs/*.yaml into `root`; return the markdown table."""
     results = json.loads((root / "results.json").read_text())
     settings = json.loads((root / "settings.json").read_text())
@@ -188,6 +223,7 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
     plot_training(runs, plots / "training.png")
 
     table = markdown_table(results)
+    n_prompts = settings["n_eval_prompts" if settings["eval_on"] == "heldout" else "n_tuning_prompts"]
     examples = []
     for r in results:
         examples.append(f"**{r['name']}**\n")
@@ -201,11 +237,15 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
         [
             "# WSPO demo: controlled sentiment (SmolLM2-135M-Instruct, VADER gold reward)",
             "",
-            f"Held-out prompts: {settings['n_eval_prompts']} x {settings['eval_samples']} samples per row "
-            f"(CBS rows: {settings.get('cbs_samples', settings['eval_samples'])} search per prompt), "
-            f"up to {settings['max_new_tokens']} new tokens, temperature 1 (untempered, so KL estimates are unbiased).",
-            "KL is the mean of log pi_row(y|x) - log pi_strong_base(y|x) over the row's samples (nats per response). "
-            "Intervals are bootstrap 95% over prompts; 'vs strong base' is the paired difference per prompt.",
+            f"Evaluation prompts: {settings['eval_on']} ({n_prompts}), "
+            f"{settings['eval_samples']} samples per prompt and row (search rows: {settings['search_samples']} search "
+            f"per prompt), up to {settings['max_new_tokens']} new tokens. Sampled rows are untempered (temperature "
+            "1, all tokens), so their KL estimates are unbiased.",
+            "KL is the mean of log q_row(y|x) - log pi_strong_base(y|x) over the row's samples, q_row being the "
+            "distribution each response was drawn from (nats per response). Intervals are bootstrap 95% over "
+            "prompts; 'vs its baseline' is the paired difference per prompt.",
+            f"Precision of every stage: {precision.dtype} weights, trainer precision {precision.trainer_precision} "
+            f"({precision.reason}).",
             "",
             table,
             "",
@@ -215,6 +255,18 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
             "",
             "Reward hacking shows as a high reward with a large KL, a low distinct-2 and one word in most responses "
             "(see the top-word column).",
+            "",
+            "## What one seed can show",
+            "",
+            ONE_SEED,
+            "",
+            "## Baselines",
+            "",
+            "Every strong fit follows one rule: the same pairs, learning rate "
+            f"{settings['strong_learning_rate']:g} with 10% warm-up then cosine decay, {settings['strong_epochs']} "
+            "epoch(s), embeddings frozen. WSPO and SFT train on the chosen responses, DPO on both; SFT asks whether "
+            "WSPO's gain is more than fine-tuning on positive text. The sign control is WSPO at gamma 1 with the weak "
+            "pair swapped (delta_weak changes sign, the training text stays).",
             "",
             "## Plots",
             "",
@@ -227,15 +279,23 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float]) -> 
             "## The weak pair",
             "",
             WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
-            "The weak aligned model is the weak base after this framework's DPO on pairs of its own samples "
-            f"(best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties dropped).",
+            "The weak aligned model is the weak base after this framework's DPO of all its parameters on pairs of its "
+            f"own samples (best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties "
+            f"dropped). The samples the weak pair is made from are drawn with top-k {settings['train_top_k']}.",
             "",
             "## Test-time decoding rows",
             "",
             DECODING_NOTE.format(
                 **{
                     k: settings.get(k)
-                    for k in ("proxy_alpha", "cbs_beam_width", "cbs_continuations", "cbs_chunk_length")
+                    for k in (
+                        "proxy_alpha",
+                        "cbs_beam_width",
+                        "cbs_continuations",
+                        "cbs_chunk_length",
+                        "search_temperature",
+                        "search_top_k",
+                    )
                 }
             ),
             "",

@@ -1,24 +1,37 @@
-"""Sizes and hyper-parameters of the demo: the full run and the `--quick` preset."""
+"""Sizes and hyper-parameters of the demo: the full run and the `--quick` preset.
+
+The values were chosen on the tuning prompts (`eval_on: tuning`), never on the held-out prompts of the
+results table; the gammas are fixed here before a run.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
 class DemoSettings:
-    """Everything the demo pipeline needs beyond paths. Every row is sampled with the same settings."""
+    """Everything the demo pipeline needs beyond paths."""
 
     n_train_prompts: int = 200
     """Training prompts: the weak model's samples on them give the preference pairs."""
     n_eval_prompts: int = 40
     """Held-out prompts for the results table."""
+    n_tuning_prompts: int = 40
+    """Tuning prompts, disjoint from both: settings are chosen on them (`eval_on: tuning`)."""
+    eval_on: Literal["heldout", "tuning"] = "heldout"
+    """Which prompts the rows are evaluated on: the held-out ones (the results), or the tuning ones."""
     eval_samples: int = 2
-    """Samples per held-out prompt and row."""
+    """Samples per evaluation prompt and sampled row."""
     max_new_tokens: int = 48
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
+    train_top_k: int = 50
+    """top_k of the samples the weak pair is made from (strong samples to distil, weak samples to pair):
+    with all tokens (top_k 0) a 4-layer model writes word salad, and pairs get labelled on noise. Rows of the
+    results table are sampled untempered (top_k 0, temperature 1), so their KL estimates are unbiased."""
     distill_prompts: int = 200
     """Training prompts the strong model answers (once each) to teach the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
@@ -29,42 +42,48 @@ class DemoSettings:
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
     weak_samples: int = 4
-    """Weak-model samples per training prompt; best vs worst by gold reward makes a pair (of 2, the
-    reward gap is often noise: the weak DPO then memorised its pairs, validation accuracy ~0.5)."""
+    """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
     weak_dpo_epochs: int = 3
-    """DPO epochs of the weak model (with 2, it barely moved away from the weak base)."""
+    """DPO epochs of the weak model (all its parameters, tied embeddings and output layer included)."""
     weak_dpo_learning_rate: float = 2e-5
     """DPO learning rate of the weak model."""
     dpo_beta: float = 0.1
-    """DPO beta (weak model and the strong DPO baseline)."""
+    """DPO beta (the weak model and the strong DPO baseline)."""
     gammas: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """WSPO alignment strengths, one strong model each."""
-    wspo_epochs: int = 1
-    """WSPO epochs (on the chosen responses of the pairs)."""
-    wspo_learning_rate: float = 3e-5
-    """WSPO learning rate."""
-    strong_dpo_epochs: int = 1
-    """Epochs of the strong DPO baseline (on the same pairs)."""
-    strong_dpo_learning_rate: float = 1e-5
-    """Learning rate of the strong DPO baseline."""
+    strong_epochs: int = 2
+    """Epochs of every strong fit (WSPO, the sign control, DPO, SFT), on the same pairs."""
+    strong_learning_rate: float = 3e-5
+    """Peak learning rate of every strong fit: one rule for WSPO and its baselines (warm-up 10%, then cosine
+    decay, embeddings frozen), so no baseline is handicapped by a smaller step."""
     batch_size: int = 8
     """Training batch size of every fit."""
     val_fraction: float = 0.08
     """Share of the pairs held out for the validation curves (reward margins)."""
     val_checks: int = 1
     """Validations per epoch of each fit (points of the margin curves)."""
+    baselines: bool = True
+    """Also train and evaluate the strong baselines: DPO and SFT on the same pairs, and the sign control
+    (WSPO at gamma 1 with the weak pair swapped)."""
     decoding_rows: bool = True
-    """Also evaluate test-time weak-to-strong decoding: strong + proxy, strong + CBS, WSPO model + CBS."""
+    """Also evaluate test-time weak-to-strong decoding: strong + proxy; and, with the search's own sampler,
+    the strong base, best-of-N, CBS and CBS over the WSPO model."""
     proxy_alpha: float = 1.0
     """Proxy / EFT sampling: weight of the weak log-ratio added to the strong logits."""
+    search_temperature: float = 0.7
+    """Temperature of the search rows' sampler (the weak-to-strong search paper's scripts use 0.7)."""
+    search_top_k: int = 50
+    """top_k of the search rows' sampler (the paper's CBS uses 50)."""
     cbs_beam_width: int = 2
-    """CBS: W, beams kept per prompt (smaller than the library's default 4, for CPU time)."""
+    """CBS: W, beams kept per prompt."""
     cbs_continuations: int = 2
-    """CBS: K, continuations sampled per beam and chunk."""
+    """CBS: K, continuations sampled per beam and chunk; best-of-N draws N = W * K samples."""
     cbs_chunk_length: int = 8
     """CBS: L, tokens per chunk."""
-    cbs_samples: int = 1
-    """CBS searches per held-out prompt (a search costs W*K samples: fewer than `eval_samples`, for CPU time)."""
+    search_samples: int = 1
+    """Searches (CBS, best-of-N) per evaluation prompt: each costs W * K samples."""
+    precision: Literal["auto", "bf16", "float32"] = "auto"
+    """Precision of every stage: auto is bfloat16 where the CPU runs it natively, float32 elsewhere."""
     seed: int = 0
     """Seed of prompts, sampling, data order and training."""
 
@@ -75,10 +94,12 @@ PRESETS = {
     "quick": DemoSettings(
         n_train_prompts=64,
         n_eval_prompts=16,
+        n_tuning_prompts=0,
         max_new_tokens=24,
         distill_prompts=64,
         distill_epochs=2,
         weak_dpo_epochs=1,
+        strong_epochs=1,
         val_fraction=0.1,
         val_checks=1,
     ),

@@ -43,6 +43,9 @@ class EvalRow:
     """Row label, e.g. "strong + WSPO (gamma=1)"."""
     samples: str
     """Scored samples (JSONL with prompt, response, response_ids, logp, num_tokens, reward)."""
+    baseline: str | None = None
+    """Name of the row this one's paired difference is taken against (None: evaluate's `baseline`), e.g.
+    a strong base sampled as this row's sampler samples."""
 
 
 def bootstrap_ci(
@@ -168,7 +171,8 @@ def evaluate(
         rows: name and scored-samples file of each row.
         reference: the model KL is measured against (the strong base), e.g. in bfloat16.
         out: output JSON file. Beside it, `<out stem>_logps/` caches reference log-probs per row.
-        baseline: name of the row that differences are taken against (paired by prompt id).
+        baseline: name of the row that differences are taken against (paired by prompt id), for rows that
+            name none of their own (`EvalRow.baseline`).
         n_boot: bootstrap resamples.
         batch_size: sequences per reference forward.
         seed: bootstrap seed.
@@ -180,8 +184,10 @@ def evaluate(
     """
     if done("evaluate", out, force):
         return Path(out)
-    if baseline is not None and baseline not in [r.name for r in rows]:
-        raise InputError(f"evaluate: baseline {baseline!r} is not one of the rows {[r.name for r in rows]}")
+    names = [r.name for r in rows]
+    for wanted in {baseline, *(r.baseline for r in rows)} - {None}:
+        if wanted not in names:
+            raise InputError(f"evaluate: baseline {wanted!r} is not one of the rows {names}")
     data = {
         r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
         for r in rows
@@ -193,7 +199,7 @@ def evaluate(
         if not has_likelihood(data[row.name]):
             continue
         cached = read_jsonl(cache) if cache.exists() and not force else None
-        if cached is None or len(cached) != len(data[row.name]):
+        if cached is None or len(cached) != len(data[row.name]) or cached[0].get("name") != row.name:
             if model is None:
                 check_model_path(reference, "reference")
                 renderer = Renderer(load_tokenizer(reference), use_chat_template, prompt_template, name=reference.path)
@@ -204,7 +210,9 @@ def evaluate(
         for record, c in zip(data[row.name], cached):
             record["ref_logp"] = c["ref_logp"]
     results = [
-        row_stats(r.name, data[r.name], data[baseline] if baseline else None, n_boot, seed, num_examples) for r in rows
+        row_stats(r.name, data[r.name], data.get(r.baseline or baseline), n_boot, seed, num_examples)
+        | {"baseline": r.baseline or baseline}
+        for r in rows
     ]
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")

@@ -1,0 +1,110 @@
+"""The rows of the demo's results table: each sampled (or decoded) on the evaluation prompts and scored by
+the gold reward as soon as its model exists, so a stopped run keeps every finished row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wspo_lightning.demo.settings import DemoSettings
+from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.models import ModelSpec
+from wspo_lightning.pipeline.evaluate import EvalRow
+from wspo_lightning.pipeline.sample import sample
+from wspo_lightning.pipeline.score import score
+from wspo_lightning.pipeline.stage import done
+
+STRONG_BASE = "strong base"
+
+
+class Rows:
+    """Evaluation rows, in table order.
+
+    Args:
+        s: the demo's settings.
+        dtype: weights of every model that samples or scores ("bfloat16" or "float32", from the CPU).
+        prompts: the evaluation prompts (JSONL).
+        folder: where each row's samples and scored samples go.
+        weak_pair: the weak_base and weak_aligned folders that steer the decoding rows.
+        reward: the gold reward (import path or instance).
+        timer: the demo's `Timer`.
+        force: redo rows whose files exist.
+    """
+
+    def __init__(
+        self,
+        s: DemoSettings,
+        dtype: str,
+        prompts: Path,
+        folder: Path,
+        weak_pair: tuple[Path, Path],
+        reward: Any,
+        timer: Any,
+        force: bool,
+    ) -> None:
+        self.s, self.dtype, self.prompts, self.folder = s, dtype, prompts, folder
+        self.weak_base, self.weak_aligned = weak_pair
+        self.reward, self.timer, self.force = reward, timer, force
+        self.rows: list[EvalRow] = []
+
+    def spec(self, path: Path) -> ModelSpec:
+        return ModelSpec(str(path), dtype=self.dtype)
+
+    def _files(self, name: str) -> tuple[Path, Path]:
+        slug = f"{len(self.rows):02d}_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        return self.folder / f"{slug}.jsonl", self.folder / f"{slug}.scored.jsonl"
+
+    def sampled(self, name: str, model: Path) -> None:
+        """Plain samples, untempered (temperature 1, all tokens): the sampler whose likelihood the KL uses."""
+        raw, scored = self._files(name)
+        with self.timer(f"eval samples: {name}"):
+            sample(
+                self.spec(model),
+                str(self.prompts),
+                str(raw),
+                num_samples=self.s.eval_samples,
+                max_new_tokens=self.s.max_new_tokens,
+                batch_size=self.s.sample_batch_size,
+                seed=self.s.seed + 2,
+                force=self.force,
+            )
+            score(str(raw), str(scored), reward=self.reward, force=self.force)
+        self.rows.append(EvalRow(name, str(scored)))
+
+    def decoded(self, name: str, method: str, strong: Path, baseline: str | None = None) -> None:
+        """`wspo generate` with `method` (proxy: untempered; sample, bon, cbs: the search's sampler), steered
+        by the weak pair; its paired difference is taken against `baseline` (default: the strong base)."""
+        from wspo_lightning.decoding.command import GenerateConfig, generate
+
+        s = self.s
+        raw, scored = self._files(name)
+        search = method != "proxy"
+        repeats = s.search_samples if method in ("bon", "cbs") else s.eval_samples
+        width = s.cbs_beam_width * s.cbs_continuations if method in ("bon", "cbs") else 1
+        with self.timer(f"eval samples: {name}"):
+            if not done("generate", raw, self.force):
+                prompts = raw.with_name(f"{raw.stem}.prompts.jsonl")
+                write_jsonl(prompts, [r for r in read_jsonl(self.prompts) for _ in range(repeats)])
+                generate(
+                    GenerateConfig(
+                        strong=self.spec(strong),
+                        weak_base=self.spec(self.weak_base),
+                        weak_aligned=self.spec(self.weak_aligned),
+                        prompts=str(prompts),
+                        output=str(raw),
+                        method=method,
+                        alpha=s.proxy_alpha,
+                        beam_width=s.cbs_beam_width,
+                        num_continuations=s.cbs_continuations,
+                        chunk_length=s.cbs_chunk_length,
+                        best_of=width,
+                        max_new_tokens=s.max_new_tokens,
+                        temperature=s.search_temperature if search else 1.0,
+                        top_k=s.search_top_k if search else 0,
+                        seed=s.seed + 2,
+                        batch_size=max(s.sample_batch_size // width, 1),
+                    )
+                )
+                prompts.unlink()
+            score(str(raw), str(scored), reward=self.reward, force=self.force)
+        self.rows.append(EvalRow(name, str(scored), baseline=baseline))
