@@ -36,7 +36,8 @@ Models and checkpoints (checked before any weights load):
 29 weak-base-missing: weak_base.path does not exist.
 30 no-config-json: weak_aligned.path holds tokenizer files but no config.json.
 31 pickle-weights-only: a folder with pytorch_model.bin and no safetensors (never unpickled).
-32 vocabulary-mismatch: weak_base has another tokenizer: both roles and sizes named.
+32 vocabulary-mismatch: weak_base has another tokenizer than weak_aligned: both roles and sizes named (a weak
+   pair of another vocabulary than the policy's is allowed: docs/cross-tokenizer.md).
 33 quantization-without-bitsandbytes: 4bit asked for, bitsandbytes missing (in-process only: simulated).
 34 ckpt-path-missing: --ckpt_path to a file that does not exist.
 (And `--ckpt_path last` where no earlier run can have saved: a test of its own below.)
@@ -243,7 +244,8 @@ CASES = {
         _pickle_only, ["weak_base.path:", "pickled holds pickle weights (*.bin) but no *.safetensors"]
     ),
     "vocabulary-mismatch": Case(
-        _other_vocabulary, ["the tokenizers of policy and weak_base differ", "Token-level WSPO needs one vocabulary"]
+        _other_vocabulary,
+        ["the tokenizers of weak_base and weak_aligned differ (280 vs 300 tokens", "so they need one vocabulary"],
     ),
     "quantization-without-bitsandbytes": Case(
         _without_bitsandbytes, ["weak_base.quantization=4bit needs bitsandbytes", "pip install bitsandbytes"]

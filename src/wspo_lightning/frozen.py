@@ -7,12 +7,13 @@ base with the adapters disabled is the reference.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from wspo_lightning.logprobs import response_logps
+from wspo_lightning.crossvocab.batch import has_weak_rows, to_policy_tokens, weak_rows
+from wspo_lightning.logprobs import response_logps, response_mask
 from wspo_lightning.models import ModelSpec, load_model
 
 
@@ -69,3 +70,16 @@ class FrozenRoles:
         return self.logps("weak_aligned", input_ids, attention_mask, labels) - self.logps(
             "weak_base", input_ids, attention_mask, labels
         )
+
+    @torch.no_grad()
+    def step_delta_weak(self, batch: dict, sides: Sequence[str], rows: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """delta_weak of a step's policy `rows` (input_ids, attention_mask, labels of `sides`, concatenated),
+        [rows, T'] float32 in the layout of `response_logps` on them.
+
+        A weak pair sharing the policy's tokens runs on those rows. One with its own tokenizer runs on the
+        batch's weak rows (its rendering of the same text) and each weak token's value is added onto the
+        policy token it lands on (`crossvocab`, docs/cross-tokenizer.md)."""
+        if not has_weak_rows(batch):
+            return self.delta_weak(*rows)
+        *weak, weak_map = weak_rows(batch, sides)
+        return to_policy_tokens(self.delta_weak(*weak), weak[2], weak_map, response_mask(rows[2]))

@@ -282,8 +282,9 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def check_same_vocabulary(tokenizers: Mapping[str, object]) -> None:
-    """Token-level WSPO compares log-probs token by token: every role must share one vocabulary."""
+def check_same_vocabulary(tokenizers: Mapping[str, object], advice: str | None = None) -> None:
+    """Token-level WSPO compares log-probs token by token: every role must share one vocabulary.
+    `advice`: what the error suggests instead of the default."""
     (first_role, first), *rest = tokenizers.items()
     vocab = first.get_vocab()
     for role, tokenizer in rest:
@@ -293,9 +294,12 @@ def check_same_vocabulary(tokenizers: Mapping[str, object]) -> None:
         only_first = sorted(set(vocab.items()) - set(other.items()))[:3]
         raise InputError(
             f"the tokenizers of {first_role} and {role} differ ({len(vocab)} vs {len(other)} tokens; "
-            f"e.g. {only_first} of {first_role} is not in {role}). Token-level WSPO needs one vocabulary: "
-            "use a weak pair from the strong model's family, or test-time decoding (wspo generate), "
-            "which re-tokenises text."
+            f"e.g. {only_first} of {first_role} is not in {role}). "
+            + (
+                advice
+                or "Token-level WSPO needs one vocabulary: use a weak pair from the strong model's family, or "
+                "test-time decoding (wspo generate), which re-tokenises text."
+            )
         )
 
 

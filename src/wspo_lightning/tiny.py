@@ -91,23 +91,40 @@ def _sentences(n: int, seed: int) -> list[str]:
 
 
 def build_tokenizer(
-    vocab_size: int = 300, chat_template: bool = True, shape: str = "chatml"
+    vocab_size: int = 300, chat_template: bool = True, shape: str = "chatml", model: str = "bpe"
 ) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer of one of the `SHAPES` on a small built-in corpus (deterministic).
+    """Train a tokenizer of one of the `SHAPES` on a small built-in corpus (deterministic).
 
+    `model`: "bpe", byte-level BPE (GPT-2 / Llama 3 style), or "unigram", SentencePiece style (a Unigram
+    model over Metaspace "▁" pieces, characters it never saw become <unk>; for a weak pair of another family).
     `chat_template=False` (chatml shape only): no template and eos <|endoftext|>."""
     if shape not in SHAPES:
         raise ValueError(f"unknown tokenizer shape {shape!r}: expected one of {sorted(SHAPES)}")
     spec = SHAPES[shape]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=spec["special"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    if model == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=spec["special"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    elif model == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        special = spec["special"] + ["<unk>"] * ("<unk>" not in spec["special"])
+        trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special,
+            unk_token="<unk>",
+            initial_alphabet=[chr(c) for c in range(32, 127)] + ["\n"],  # printable ASCII is never <unk>
+            show_progress=False,
+        )
+    else:
+        raise ValueError(f"unknown tokenizer model {model!r}: expected bpe or unigram")
     tok.train_from_iterator(_sentences(400, seed=0) + ["user assistant system\n"], trainer=trainer)
     if spec["add_bos"]:
         bos = spec["bos"]
@@ -118,6 +135,7 @@ def build_tokenizer(
         "eos_token": "<|endoftext|>" if shape == "chatml" else spec["eos"],
         "bos_token": spec["bos"],
         "pad_token": spec["pad"],
+        "unk_token": "<unk>" if model == "unigram" else None,
     }
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, model_max_length=2048, **{k: v for k, v in names.items() if v is not None}

@@ -78,11 +78,14 @@ def model_fingerprint(spec: ModelSpec, known: dict | None = None) -> dict:
 
 
 def split_fingerprint(features: Sequence[dict]) -> str:
-    """sha256 over every record's id and token ids, in order: changes with the data, tokenizer,
-    templates and max_length."""
+    """sha256 over every record's id and token ids, in order (and the weak side's ids and maps, when the weak
+    pair has its own tokenizer): changes with the data, tokenizers, templates and max_length."""
     digest = hashlib.sha256()
     for f in features:
-        digest.update(json.dumps([f["id"], f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]).encode())
+        row = [f["id"], f["prompt_ids"], f["chosen_ids"], f["rejected_ids"]]
+        if "weak_prompt_ids" in f:
+            row += [f["weak_prompt_ids"]] + [f[f"weak_{s}_{k}"] for s in ("chosen", "rejected") for k in ("ids", "map")]
+        digest.update(json.dumps(row).encode())
     return digest.hexdigest()
 
 
@@ -116,6 +119,7 @@ def describe(objective: Any, datamodule: Any, values: Sequence[str], known: dict
             "use_chat_template": getattr(datamodule, "use_chat_template", None),
             "prompt_template": getattr(datamodule, "prompt_template", None),
             "renderer": getattr(renderer, "fingerprint", None),
+            "weak_renderer": getattr(getattr(datamodule, "weak_renderer", None), "fingerprint", None),
         },
         "splits": splits,
     }

@@ -62,35 +62,41 @@ class PrecomputeModule(pl.LightningModule):
         sequences = batch["chosen_input_ids"], batch["chosen_attention_mask"], batch["chosen_labels"]
         mask = response_mask(sequences[2])
         out = {"index": batch["index"], "length": mask.sum(dim=1)}
-        if "delta_weak" in self.values:
-            out["delta_weak"] = self.frozen.delta_weak(*sequences)[mask].float()
+        if "delta_weak" in self.values:  # in the policy's tokens, mapped there for a weak pair of its own
+            out["delta_weak"] = self.frozen.step_delta_weak(batch, ["chosen"], sequences)[mask].float()
         if "reference" in self.values:
             out["reference"] = self.frozen.reference_logps(self.policy, *sequences)[mask].float()
         return out
 
 
 def side_items(features: Sequence[dict], sides: Sequence[str]) -> list[dict]:
-    """One item per (record, side) with that side's response as `chosen_ids`, longest first (least padding)."""
+    """One item per (record, side) with that side's response as `chosen_ids` (and its weak side, if any, as
+    `weak_chosen_ids` and `weak_chosen_map`), longest first (least padding)."""
     items = []
     for f in features:
         for side in sides:
             response = f[f"{side}_ids"]
             if response is not None:
-                items.append(
-                    {
-                        "index": f["index"],
-                        "id": f["id"],
-                        "prompt_ids": f["prompt_ids"],
-                        "chosen_ids": response,
-                        "rejected_ids": None,
-                        "side": side,
-                    }
-                )
+                item = {
+                    "index": f["index"],
+                    "id": f["id"],
+                    "prompt_ids": f["prompt_ids"],
+                    "chosen_ids": response,
+                    "rejected_ids": None,
+                    "side": side,
+                }
+                if "weak_prompt_ids" in f:
+                    item.update(
+                        weak_prompt_ids=f["weak_prompt_ids"],
+                        weak_chosen_ids=f[f"weak_{side}_ids"],
+                        weak_chosen_map=f[f"weak_{side}_map"],
+                    )
+                items.append(item)
     return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + len(it["chosen_ids"])))
 
 
-def _collate_items(items: list[dict], pad_token_id: int) -> dict:
-    batch = collate(items, pad_token_id)
+def _collate_items(items: list[dict], **pad_ids: int | None) -> dict:
+    batch = collate(items, **pad_ids)
     batch["sides"] = [it["side"] for it in items]
     return batch
 
@@ -109,6 +115,7 @@ def build_cache(
     the manifest for the message that refuses a stale cache."""
     folder = Path(folder)
     datamodule.setup("predict")
+    objective.check_tokenizers(datamodule)  # a weak pair with its own tokenizer: the data's weak side
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -121,13 +128,12 @@ def build_cache(
     }
     features = data_features(datamodule)
     splits = list(manifest["splits"])
-    pad = datamodule.tokenizer.pad_token_id
     loaders = [
         DataLoader(
             side_items(features[s], manifest["splits"][s]["sides"]),
             shuffle=False,
             batch_size=batch_size or datamodule.eval_batch_size,
-            collate_fn=partial(_collate_items, pad_token_id=pad),
+            collate_fn=partial(_collate_items, **datamodule.pad_ids()),
         )
         for s in splits
     ]

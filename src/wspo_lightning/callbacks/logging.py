@@ -12,10 +12,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from wspo_lightning.logprobs import left_pad, right_pad
-from wspo_lightning.render import Renderer, plain_text
+from wspo_lightning.logprobs import left_pad
+from wspo_lightning.render import plain_text
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -86,8 +87,9 @@ class SampleTable(pl.Callback):
     Prompts are rendered, and generation stops, as in training (`PreferenceDataModule.renderer`: the chat
     template's end-of-turn among the stop ids). Columns: step, prompt, completion, finished (ended by a stop
     id rather than the length limit), weak reward (WSPO runs: sum of the weak pair's log-ratio over the
-    completion). Written to `<log_dir>/samples/step_<N>.jsonl`, and to W&B as one table holding the rows of
-    every validation so far (so its latest version shows the whole history).
+    completion, computed as for training records: `PreferenceDataModule.batch_of`, `WSPOModule.weak_reward`).
+    Written to `<log_dir>/samples/step_<N>.jsonl`, and to W&B as one table holding the rows of every
+    validation so far (so its latest version shows the whole history).
 
     Args:
         num_prompts: how many validation prompts (the first ones, so every table is comparable).
@@ -108,7 +110,7 @@ class SampleTable(pl.Callback):
         prompts = trainer.datamodule.prompts("val", self.num_prompts)
         if not prompts:
             return
-        rows = self._complete(pl_module, trainer.datamodule.renderer, prompts)
+        rows = self._complete(pl_module, trainer.datamodule, prompts)
         # trainer.log_dir is a broadcast: every rank must ask for it
         out = Path(trainer.log_dir or trainer.default_root_dir) / "samples" / f"step_{trainer.global_step}.jsonl"
         if not trainer.is_global_zero:
@@ -123,7 +125,8 @@ class SampleTable(pl.Callback):
                 key="val/samples", columns=self.columns, data=[[r[c] for c in self.columns] for r in self.history]
             )
 
-    def _complete(self, pl_module: pl.LightningModule, renderer: Renderer, prompts: list) -> list[dict]:
+    def _complete(self, pl_module: pl.LightningModule, datamodule: Any, prompts: list) -> list[dict]:
+        renderer = datamodule.renderer
         tokenizer = renderer.tokenizer
         policy = pl_module.policy
         stop = renderer.stop_ids(policy)
@@ -149,9 +152,9 @@ class SampleTable(pl.Callback):
         responses = [row[~cut].tolist() for row, cut in zip(completion_ids, after_stop)]
         completions = [renderer.decode(ids) for ids in responses]
         rewards = [None] * len(prompts)
-        if hasattr(pl_module, "weak_reward"):  # scored right-padded, as in training (no left-padding offsets)
-            rows = right_pad(prompt_ids, responses, pad)
-            rewards = pl_module.weak_reward(*(t.to(pl_module.device) for t in rows)).tolist()
+        if hasattr(pl_module, "weak_reward"):  # the completions as training records: rendered, batched, scored alike
+            batch = datamodule.batch_of(prompts, completions, responses, finished)
+            rewards = pl_module.weak_reward(move_data_to_device(batch, pl_module.device)).tolist()
         return [
             {"prompt": plain_text(p), "completion": c, "finished": f, "weak_reward": r}
             for p, c, f, r in zip(prompts, completions, finished, rewards)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from wspo_lightning.crossvocab.batch import pad_maps
 from wspo_lightning.errors import located
 from wspo_lightning.logprobs import right_pad
 from wspo_lightning.render import Renderer
@@ -94,20 +95,37 @@ def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list
     return {"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": rejected, "truncated": truncated}
 
 
-def collate(features: Sequence[dict], pad_token_id: int) -> dict:
+def collate(features: Sequence[dict], pad_token_id: int, weak_pad_token_id: int | None = None) -> dict:
     """Right-padded batch: `{side}_input_ids`, `{side}_attention_mask`, `{side}_labels` [batch, tokens]
     for side chosen (and rejected when every feature has one, padded to the same length), `index`
-    [batch] and `ids` (list of str). Labels are the input ids with IGNORE_INDEX on prompt and padding."""
+    [batch] and `ids` (list of str). Labels are the input ids with IGNORE_INDEX on prompt and padding.
+    Features with a weak side (`crossvocab.add_weak_features`) add the same keys prefixed `weak_` for the
+    weak pair's rows (padded with `weak_pad_token_id`) and `weak_{side}_map` (`crossvocab.pad_maps`)."""
     sides = ["chosen", "rejected"] if all(f["rejected_ids"] is not None for f in features) else ["chosen"]
-    length = max(len(f["prompt_ids"]) + len(f[f"{side}_ids"]) for f in features for side in sides)
+    batch = _pad_sides(features, sides, "", pad_token_id)
+    if "weak_prompt_ids" in features[0]:
+        batch.update(_pad_sides(features, sides, "weak_", weak_pad_token_id))
+        batch.update(pad_maps(features, sides))
+    batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
+    batch["ids"] = [f["id"] for f in features]
+    return batch
+
+
+def _pad_sides(features: Sequence[dict], sides: Sequence[str], prefix: str, pad_token_id: int) -> dict[str, Any]:
+    length = max(len(f[f"{prefix}prompt_ids"]) + len(f[f"{prefix}{side}_ids"]) for f in features for side in sides)
     batch: dict[str, Any] = {}
     for side in sides:
         input_ids, attention_mask, labels = right_pad(
-            [f["prompt_ids"] for f in features], [f[f"{side}_ids"] for f in features], pad_token_id, length
+            [f[f"{prefix}prompt_ids"] for f in features],
+            [f[f"{prefix}{side}_ids"] for f in features],
+            pad_token_id,
+            length,
         )
         batch.update(
-            {f"{side}_input_ids": input_ids, f"{side}_attention_mask": attention_mask, f"{side}_labels": labels}
+            {
+                f"{prefix}{side}_input_ids": input_ids,
+                f"{prefix}{side}_attention_mask": attention_mask,
+                f"{prefix}{side}_labels": labels,
+            }
         )
-    batch["index"] = torch.tensor([f["index"] for f in features], dtype=torch.long)
-    batch["ids"] = [f["id"] for f in features]
     return batch

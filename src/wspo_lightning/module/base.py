@@ -129,12 +129,17 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         roles = set(self.frozen_specs()) | {"reference"}
         return roles - set(self.cache_roles(self.cache.values)) if self.cache is not None else roles
 
+    def check_tokenizers(self, datamodule: Any) -> None:
+        """Token-level objectives compare log-probs token by token: every role shares one vocabulary.
+        `datamodule`: the run's (set up), for objectives whose roles render the data on their own."""
+        check_same_vocabulary({role: load_tokenizer(spec) for role, spec in self.all_specs().items()})
+
     def setup(self, stage: str) -> None:
         # Runs after the data module's setup, so bad data fails before any weights load.
         specs = self.all_specs()
         for role, spec in specs.items():
             check_model_path(spec, role)
-        check_same_vocabulary({role: load_tokenizer(spec) for role, spec in specs.items()})
+        self.check_tokenizers(self.trainer.datamodule if self._trainer is not None else None)
         if self.cache_dir and self.cache is None:
             self.cache = LogpsCache.open(self.cache_dir, self, self.trainer.datamodule)
             log.info("frozen values %s come from the cache %s", self.cache.values, self.cache_dir)

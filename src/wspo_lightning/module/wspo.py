@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -11,11 +12,9 @@ from torch import Tensor
 from wspo_lightning import losses
 from wspo_lightning.errors import InputError
 from wspo_lightning.logprobs import response_logps, response_mask
-from wspo_lightning.models import (
-    ModelSpec,
-    as_spec,
-)
+from wspo_lightning.models import ModelSpec, as_spec, check_same_vocabulary, load_tokenizer
 from wspo_lightning.module.base import PreferenceModule, step_rows
+from wspo_lightning.render import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +28,10 @@ class WSPOModule(PreferenceModule):
         gamma: alignment strength; the authors' `pref_beta = b` corresponds to gamma = 1/b.
             A GammaSchedule callback may change `self.gamma` during training.
         train_on_rejected: also train on rejected responses (extra text; off, as in the design).
+        weak_tokenization: how the weak pair reads the text. "shared": the policy's tokens (one vocabulary);
+            "own": its own tokenizer's rendering of the same prompt and response text, each weak token's
+            log-ratio added onto the policy token holding its last character (docs/cross-tokenizer.md);
+            "auto": own when the weak pair's vocabulary differs from the policy's, else shared.
         Other arguments: see PreferenceModule.
     """
 
@@ -58,7 +61,10 @@ class WSPOModule(PreferenceModule):
         freeze_embeddings: bool = False,
         disable_dropout: bool = True,
         cache_dir: str | None = None,
+        weak_tokenization: Literal["auto", "shared", "own"] = "auto",
     ) -> None:
+        if weak_tokenization not in ("auto", "shared", "own"):
+            raise InputError(f"model.weak_tokenization must be auto, shared or own, got {weak_tokenization!r}")
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise InputError(f"model.gamma must be a finite positive number, got {gamma}")
         super().__init__(
@@ -77,6 +83,41 @@ class WSPOModule(PreferenceModule):
     def required_cache_values(self) -> list[str]:
         return ["delta_weak"]
 
+    def check_tokenizers(self, datamodule: Any) -> None:
+        """The strong roles share one vocabulary and the weak pair one; the weak pair shares the policy's, or
+        (weak_tokenization own, or auto with another vocabulary) `datamodule` renders the weak side too."""
+        tokenizers = {role: load_tokenizer(spec) for role, spec in self.all_specs().items()}
+        weak = {role: tokenizers.pop(role) for role in ("weak_base", "weak_aligned")}
+        check_same_vocabulary(tokenizers)
+        check_same_vocabulary(
+            weak,
+            "The weak pair's log-ratio compares its two models token by token, so they need one vocabulary "
+            "(the pair may have another one than the policy's: docs/cross-tokenizer.md).",
+        )
+        policy, weak_base = tokenizers["policy"], weak["weak_base"]
+        mode = self.hparams.weak_tokenization
+        same = weak_base.get_vocab() == policy.get_vocab()
+        if mode == "shared" and not same:
+            raise InputError(
+                f"model.weak_tokenization=shared, but the tokenizers of policy and weak_base differ "
+                f"({len(policy)} vs {len(weak_base)} tokens). Set it to auto (or own): the weak pair then "
+                "scores its own tokenization of the text (docs/cross-tokenizer.md)."
+            )
+        if mode == "shared" or (mode == "auto" and same):
+            return
+        if not hasattr(datamodule, "use_weak_tokenizer"):
+            raise InputError(
+                "a weak pair with its own tokenizer needs the PreferenceDataModule (it renders the weak side "
+                f"of the data); got {type(datamodule).__name__}"
+            )
+        if tokenizer_fingerprint(weak["weak_aligned"]) != tokenizer_fingerprint(weak_base):
+            log.warning(
+                "weak_base and weak_aligned have different tokenizer files or chat templates: both score the "
+                "rendering of weak_base's (%s)",
+                self.weak_base_spec.path,
+            )
+        datamodule.use_weak_tokenizer(weak_base, name=self.weak_base_spec.path)
+
     def cacheable_values(self, reference: bool = True) -> list[str]:
         return ["delta_weak"] + (["reference"] if reference else [])
 
@@ -84,21 +125,18 @@ class WSPOModule(PreferenceModule):
         """Per-token log-probs of a step's rows (chosen, then rejected with `pairs`), each [rows, T']: the policy
         (with grad), the reference and the weak pair, frozen values from the cache where it has them.
 
-        A cached delta_weak stands in as weak_aligned with zeros as weak_base (the loss and rewards use only
-        their difference)."""
+        delta_weak (cached, or `FrozenRoles.step_delta_weak`: on the policy's tokens or mapped onto them) stands
+        in as weak_aligned with zeros as weak_base (the loss and rewards use only their difference)."""
         sides, rows = step_rows(batch, pairs)
         policy, mask = response_logps(self.policy, *rows)
         cached = self.cached(batch, split, sides, mask)
         reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
-        if "delta_weak" in cached:
-            weak_aligned, weak_base = cached["delta_weak"], torch.zeros_like(cached["delta_weak"])
-        else:
-            weak_aligned, weak_base = self.frozen.logps("weak_aligned", *rows), self.frozen.logps("weak_base", *rows)
+        delta_weak = cached["delta_weak"] if "delta_weak" in cached else self.frozen.step_delta_weak(batch, sides, rows)
         return {
             "policy": policy,
             "reference": reference,
-            "weak_aligned": weak_aligned,
-            "weak_base": weak_base,
+            "weak_aligned": delta_weak,
+            "weak_base": torch.zeros_like(delta_weak),
             "mask": mask,
         }
 
@@ -140,14 +178,17 @@ class WSPOModule(PreferenceModule):
         return outputs
 
     @torch.no_grad()
-    def weak_reward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Tensor:
-        """reward_weak(x, y) = sum_t delta_weak(t) for each row: [B]. Used by SampleTable.
+    def weak_reward(self, batch: dict) -> Tensor:
+        """reward_weak(x, y) = sum_t delta_weak(t) of each chosen row of a collated batch (the weak side
+        included: `PreferenceDataModule.batch_of`), [B], as training computes delta_weak. Used by SampleTable.
 
         NaN when the weak pair is not loaded (its values come from a cache, which holds no new text)."""
+        input_ids = batch["chosen_input_ids"]
         if "weak_aligned" not in self.frozen:
             if not getattr(self, "_warned_no_weak_pair", False):
                 log.warning("weak_reward: the weak pair is not loaded (cache_dir), weak rewards of new text are NaN")
                 self._warned_no_weak_pair = True
             return torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
-        delta = self.frozen.delta_weak(input_ids, attention_mask, labels)
-        return losses.implicit_reward(delta, torch.zeros_like(delta), response_mask(labels))
+        sides, rows = step_rows(batch, pairs=False)
+        delta = self.frozen.step_delta_weak(batch, sides, rows)
+        return losses.implicit_reward(delta, torch.zeros_like(delta), response_mask(rows[2]))
