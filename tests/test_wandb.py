@@ -122,6 +122,7 @@ def test_wspo_evaluate_logs_its_table_and_reward_vs_kl_plot(tiny_world, tmp_path
 
 
 def test_workspace_panels_come_from_the_metric_names_a_fit_wrote(wandb_fit, capsys):
+    pytest.importorskip("wandb_workspaces")  # the `dashboard` extra
     cli, _ = wandb_fit
     csv_path = Path(cli.trainer.loggers[0].log_dir) / "metrics.csv"
     names = dashboard.metric_names_from_csv(csv_path)

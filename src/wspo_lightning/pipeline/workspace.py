@@ -77,8 +77,11 @@ def sections(names: list[str]) -> dict[str, list[list[str]]]:
 
 def build_workspace(entity: str, project: str, names: list[str], name: str = "wspo-lightning"):
     """A `wandb_workspaces` Workspace: one section per kind of metric, then the tables."""
-    import wandb_workspaces.reports.v2 as wr
-    import wandb_workspaces.workspaces as ws
+    try:
+        import wandb_workspaces.reports.v2 as wr
+        import wandb_workspaces.workspaces as ws
+    except ImportError:
+        raise InputError("wspo workspace needs wandb-workspaces: pip install 'wspo-lightning[dashboard]'") from None
 
     parts = [
         ws.Section(
