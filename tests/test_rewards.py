@@ -9,13 +9,13 @@ import pytest
 import torch
 import yaml
 from helpers import LetterReward
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaForSequenceClassification
 
 from wspo_lightning.cli import main as wspo
 from wspo_lightning.errors import InputError
 from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.rewards import RewardModel, load_reward
-from wspo_lightning.tiny import build_tokenizer
+from wspo_lightning.tiny import build_tiny_model, build_tokenizer
 
 PROMPTS = ["Write one line about the plot.", "Say it.", [{"role": "user", "content": "The ending?"}]] * 2
 RESPONSES = ["The plot was wonderful from start to finish.", "Dull.", "It left me smiling", "ok", "The", "Fine."]
@@ -27,17 +27,9 @@ def reward_model(tmp_path_factory):
     rendering: the worst case for pooling at the last non-pad token."""
     tokenizer = build_tokenizer()
     last = tokenizer("\n", add_special_tokens=False).input_ids[-1]
+    config = build_tiny_model("llama", tokenizer).config  # the tiny Llama's shape, with a one-output head
+    config.num_labels, config.pad_token_id = 1, last
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_labels=1,
-        pad_token_id=last,
-    )
     model = LlamaForSequenceClassification(config).eval()
     folder = tmp_path_factory.mktemp("rm")
     model.save_pretrained(folder)

@@ -21,7 +21,9 @@ and a linear warm-up over `warmup_ratio` of the steps, then cosine decay to 0.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,6 +76,22 @@ class TransformersSchedule(LambdaLR):
         super().__init__(optimizer, schedule.lr_lambdas, last_epoch)
 
 
+def unset_step_counts(lr_scheduler: Callable, total_steps: int) -> dict[str, int]:
+    """`{name: total_steps}` for each argument of `STEP_COUNT_ARGUMENTS` that the schedule's class takes and
+    the config left unset (absent, or null). jsonargparse hands over a `functools.partial` whose keywords
+    are the init_args (older versions leave defaults out), with the class as its function or an argument."""
+    keywords = getattr(lr_scheduler, "keywords", None) or {}
+    target = lr_scheduler
+    while isinstance(target, partial):
+        classes = [a for a in (target.func, *target.args) if inspect.isclass(a)]
+        target = classes[-1] if classes else target.func
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to fill
+        return {}
+    return {name: total_steps for name in STEP_COUNT_ARGUMENTS if name in parameters and keywords.get(name) is None}
+
+
 def configure(
     params: Iterable[torch.nn.Parameter],
     total_steps: int,
@@ -94,9 +112,7 @@ def configure(
 
         schedule = get_cosine_schedule_with_warmup(built, int(warmup_ratio * total_steps), total_steps)
     else:
-        keywords = getattr(lr_scheduler, "keywords", {})  # a functools.partial from jsonargparse
-        unset = {name: total_steps for name in STEP_COUNT_ARGUMENTS if name in keywords and keywords[name] is None}
-        schedule = lr_scheduler(built, **unset)
+        schedule = lr_scheduler(built, **unset_step_counts(lr_scheduler, total_steps))
     config: dict[str, Any] = {"scheduler": schedule, "interval": "step"}
     if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config.update(interval="epoch", monitor=getattr(schedule, "monitor", "val/loss"))
