@@ -110,3 +110,14 @@ def test_fit_with_an_8bit_optimizer_and_its_printed_config_feeds_precompute(tiny
     assert "PagedAdamW8bit" in printed.read_text()
     assert precompute_main(["--config", str(printed), f"--model.init_args.cache_dir={tmp_path / 'cache'}"]) == 0
     assert (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_step_counts_are_filled_only_where_the_schedule_takes_one_and_the_config_left_it_unset():
+    one_cycle = torch.optim.lr_scheduler.OneCycleLR
+    fill = optim.unset_step_counts
+    assert fill(partial(one_cycle, max_lr=0.1), 7) == {"total_steps": 7}  # defaults left out of the partial
+    assert fill(partial(one_cycle, max_lr=0.1, total_steps=None), 7) == {"total_steps": 7}
+    assert fill(partial(one_cycle, max_lr=0.1, total_steps=3), 7) == {}  # the config's own count wins
+    assert fill(partial(partial, one_cycle, max_lr=0.1), 7) == {"total_steps": 7}  # the class as an argument
+    assert fill(partial(torch.optim.lr_scheduler.StepLR, step_size=2), 7) == {}  # takes no step count
+    assert fill(optim.TransformersSchedule, 7) == {"num_training_steps": 7}
