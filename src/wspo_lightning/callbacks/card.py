@@ -60,7 +60,7 @@ def _data_rows(datamodule: Any) -> list[tuple[str, str]]:
     rows = []
     for split in ("train", "val", "test"):
         path = getattr(datamodule, f"{split}_path", None)
-        name = getattr(datamodule, f"{split}_split", None)
+        name = getattr(datamodule, "dataset_splits", {}).get(split)
         records = getattr(datamodule, f"{split}_records", None) or []
         if not (path or name or records):
             continue
