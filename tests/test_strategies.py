@@ -37,9 +37,9 @@ def world(tmp_path_factory):
 def config(world: Path, out: Path, checkpoint_every: int | None = None, fsdp2: bool = False) -> Path:
     """configs/tiny_cpu.yaml on `world`, writing under `out`, with optional step checkpoints.
 
-    Left out until callbacks/logging.py and callbacks/faults.py handle several ranks: SampleTable (rank 0
-    alone reads `trainer.log_dir`, a collective: DDP deadlocks), and under FSDP2 NonFiniteGuard's gradient
-    check (DTensor gradients: `.tolist()` fails); the guard still checks the loss."""
+    SampleTable is left out to keep these runs short (tests/test_sample_table_ddp.py runs it on 2 ranks), and
+    under FSDP2 NonFiniteGuard's gradient check until callbacks/faults.py handles DTensor gradients
+    (`.tolist()` fails); the guard still checks the loss."""
     data = yaml.safe_load(
         (ROOT / "configs" / "tiny_cpu.yaml")
         .read_text()

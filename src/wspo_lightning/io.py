@@ -62,6 +62,19 @@ def read_text(path: str | Path) -> str:
     return "".join(line for _, line in read_text_lines(path))
 
 
+def parse_json(text: str, path: str | Path, line: int | None = None) -> Any:
+    """`json.loads(text)`; a syntax error, or nesting deeper than Python can follow, raises InputError naming
+    `path` and the line (`line` for one line of JSON Lines, else the document's own line)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        where = line if line is not None else err.lineno
+        fix = "Fix the line or remove it." if line is not None else "Fix the file."
+        raise located(path, where, None, f"invalid JSON at column {err.colno}: {err.msg}. {fix}") from None
+    except RecursionError:
+        raise located(path, line, None, "JSON nested too deeply to read. Flatten the record.") from None
+
+
 def read_jsonl(
     path: str | Path, required: Iterable[str | tuple[str, ...]] = (), texts: Iterable[str] = ()
 ) -> list[dict]:
@@ -77,10 +90,7 @@ def read_jsonl(
     for number, line in read_text_lines(path):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise located(path, number, None, f"not valid JSON ({err.msg} at column {err.colno})") from None
+        record = parse_json(line, path, number)
         if not isinstance(record, dict):
             raise located(path, number, None, "expected a JSON object per line")
         for field in required:
@@ -88,10 +98,23 @@ def read_jsonl(
             if not any(name in record for name in names):
                 raise located(path, number, " or ".join(names), "missing")
         for field in texts:
-            if not isinstance(record.get(field), str) or not record[field].strip():
-                raise located(path, number, field, "expected a non-empty string")
+            expected = text_expected(record.get(field))
+            if expected:
+                raise located(path, number, field, f"expected {expected}")
         records.append(record)
     return records
+
+
+def text_expected(value: Any) -> str | None:
+    """None for a non-empty string UTF-8 can encode; else what was expected instead (JSON's `\\ud800`
+    escapes decode to lone surrogates, which no file or tokenizer can take)."""
+    if not isinstance(value, str) or not value.strip():
+        return "a non-empty string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "text without lone surrogates such as \\ud800 (UTF-8 cannot encode them)"
+    return None
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:

@@ -98,6 +98,8 @@ class SampleTable(pl.Callback):
     """
 
     columns = ["step", "prompt", "completion", "finished", "weak_reward"]
+    key = "val/samples"
+    """The table's W&B key."""
 
     def __init__(self, num_prompts: int = 4, max_new_tokens: int = 32, do_sample: bool = False) -> None:
         self.num_prompts, self.max_new_tokens, self.do_sample = num_prompts, max_new_tokens, do_sample
@@ -122,7 +124,7 @@ class SampleTable(pl.Callback):
         self.history += rows
         for logger in _wandb_loggers(trainer):
             logger.log_table(
-                key="val/samples", columns=self.columns, data=[[r[c] for c in self.columns] for r in self.history]
+                key=self.key, columns=self.columns, data=[[r[c] for c in self.columns] for r in self.history]
             )
 
     def _complete(self, pl_module: pl.LightningModule, datamodule: Any, prompts: list) -> list[dict]:

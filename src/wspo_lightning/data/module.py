@@ -39,11 +39,20 @@ class PreferenceDataModule(pl.LightningDataModule):
     resumes mid-epoch with the very next batch.
 
     Args:
-        train_path: training data: .jsonl, .json, .parquet or a save_to_disk directory ('train' split).
+        train_path: training data: .jsonl, .json, .parquet, a save_to_disk folder, a folder in the Hub's
+            layout (data/{split}-00000-of-00001.parquet) or a Hugging Face Hub dataset id. A path that
+            exists locally is local; anything else is a Hub id (offline: an error saying what to download).
         tokenizer: tokenizer directory or hub id, loaded with AutoTokenizer.
-        val_path: validation data, same formats ('validation', else 'test' split); None: use val_fraction.
-        val_fraction: share of training records held out for validation without val_path; 0: none.
-        test_path: data for `wspo test`, same formats ('test' split); None: test on the validation data.
+        val_path: validation data, same formats; None: val_split of train_path when val_split is set,
+            else val_fraction.
+        val_fraction: share of training records held out for validation without val_path or val_split; 0: none.
+        test_path: data for `wspo test`, same formats; None: test_split of train_path when test_split is set,
+            else the validation data.
+        train_split: split of train_path to train on (e.g. 'train_prefs' for UltraFeedback-binarized).
+        val_split: split of the validation data; None: 'validation', else 'test'.
+        test_split: split of the test data; None: 'test'.
+        dataset_config: subset of a dataset with several (`name=` of `datasets.load_dataset`).
+        dataset_revision: branch, tag or commit of a Hub dataset.
         max_length: most tokens of prompt plus response; longer records lose prompt tokens from the
             left first, then response tokens from the right.
         batch_size: training records per batch (per device).
@@ -72,6 +81,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         seed: int = 0,
         trust_remote_code: bool = False,
         group_by_length: bool = False,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        dataset_config: str | None = None,
+        dataset_revision: str | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -92,6 +106,11 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
         self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
         self.trust_remote_code, self.group_by_length = trust_remote_code, group_by_length
+        # split names within the data (not the "train" / "val" / "test" roles of `features`)
+        self.dataset_splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.dataset_config, self.dataset_revision = dataset_config, dataset_revision
+        # the settings, for loggers' run configs (W&B) and `hparams.yaml`
+        self.save_hyperparameters()
         self.tokenizer: Any = None
         self.renderer: Renderer | None = None
         self.weak_renderer: Renderer | None = None  # a weak pair with its own tokenizer (use_weak_tokenizer)
@@ -105,14 +124,18 @@ class PreferenceDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_records is not None:  # once per process, whatever the stage
             return
-        train = load_records(self.train_path, split="train")
-        if self.val_path:
-            val = held_out(load_records(self.val_path, split=["validation", "test"]), train, "validation")
+        splits = self.dataset_splits
+        train = self._load(self.train_path, splits["train"])
+        if self.val_path or splits["val"]:
+            val = self._load(self.val_path or self.train_path, splits["val"] or ["validation", "test"])
+            val = held_out(val, train, "validation")
         else:
             train, val = split_records(train, self.val_fraction, self.seed)
             if not val:
                 _info("no validation data (val_path unset, val_fraction=0): validation is skipped")
-        test = held_out(load_records(self.test_path, split="test"), train, "test") if self.test_path else []
+        test = []
+        if self.test_path or splits["test"]:
+            test = held_out(self._load(self.test_path or self.train_path, splits["test"] or "test"), train, "test")
         if len(train) < self.batch_size:
             raise located(
                 self.train_path,
@@ -120,7 +143,7 @@ class PreferenceDataModule(pl.LightningDataModule):
                 None,
                 f"the train split holds {len(train)} records, fewer than "
                 f"one batch (batch_size={self.batch_size}). Add records or lower batch_size"
-                + ("." if self.val_path else " or val_fraction."),
+                + ("." if self.val_path or splits["val"] else " or val_fraction."),
             )
         tokenizer = load_tokenizer(self.tokenizer_path, self.trust_remote_code)
         renderer = Renderer(tokenizer, self.use_chat_template, self.prompt_template, name=self.tokenizer_path)
@@ -192,6 +215,9 @@ class PreferenceDataModule(pl.LightningDataModule):
             add_weak_features(records, features, self.renderer, self.weak_renderer, self.max_length)
         return collate(features, **self.pad_ids())
 
+    def _load(self, path: str, split: str | list[str]) -> list[dict]:
+        return load_records(path, split, self.dataset_config, self.dataset_revision)
+
     def train_dataloader(self) -> DataLoader:
         features = self.features["train"]
         lengths = [len(f["prompt_ids"]) + max(len(f["chosen_ids"]), len(f["rejected_ids"] or ())) for f in features]
@@ -212,8 +238,8 @@ class PreferenceDataModule(pl.LightningDataModule):
 
     @property
     def test_split(self) -> str:
-        """The split `wspo test` reads: "test" with a test_path, else "val"."""
-        return "test" if self.test_path else "val"
+        """The split `wspo test` reads: "test" with a test_path or test_split, else "val"."""
+        return "test" if self.test_path or self.dataset_splits["test"] else "val"
 
     def test_dataloader(self) -> DataLoader | list:
         """The test data (`test_path`); without one, the validation data."""

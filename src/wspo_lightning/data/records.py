@@ -3,14 +3,14 @@ so the CLI checks data before any model loads; the first bad record names its fi
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from wspo_lightning.data.hub import is_hub_id, read_dataset_rows
 from wspo_lightning.errors import located
-from wspo_lightning.io import read_text, read_text_lines
+from wspo_lightning.io import parse_json, read_text, read_text_lines, text_expected
 
 ACCEPTED_FORMATS = (
     "{prompt, chosen, rejected} strings; {prompt, response} or {prompt, completion} strings; "
@@ -22,11 +22,18 @@ _FIX = "Fix or remove the record."
 _MISSING = object()
 
 
-def load_records(path: str | Path, split: str | Sequence[str] | None = None) -> list[dict]:
+def load_records(
+    path: str | Path,
+    split: str | Sequence[str] | None = None,
+    config: str | None = None,
+    revision: str | None = None,
+) -> list[dict]:
     """Read and validate a data file into normalised records.
 
-    `path`: `.jsonl`, `.json` (a list or `{"data": [...]}`), `.parquet` or a `save_to_disk` directory;
-    for a DatasetDict, `split` names the split (or candidates: the first present wins).
+    `path`: `.jsonl`, `.json` (a list or `{"data": [...]}`), `.parquet`, a `save_to_disk` directory, a
+    folder in the Hub's layout or a Hub id (`wspo_lightning.data.hub`); for a dataset with splits, `split`
+    names the split (or candidates: the first present wins); `config` is the subset, `revision` a Hub
+    revision.
 
     A normalised record: `id` (str), `source` (`file:line`, 1-based, for JSON Lines, else `file:record i`,
     0-based), `prompt` (str or messages; raw, not templated), `chosen` (the response; the only one of
@@ -36,12 +43,15 @@ def load_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     `tokenizer_fingerprint` (of the renderer that sampled them, or None).
     The first bad record raises `InputError` naming file, line or record, and field.
     """
-    path = Path(path)
-    if not path.exists():
-        raise located(path, None, None, "file not found. Check data.train_path / val_path / test_path.")
-    if path.is_file() and path.stat().st_size == 0:
-        raise located(path, None, None, "the file is empty. Point to a file holding records.")
-    rows = _read_rows(path, split)
+    if is_hub_id(path):
+        rows = read_dataset_rows(path, split, config, revision)
+    else:
+        path = Path(path)
+        if not path.exists():
+            raise located(path, None, None, "file not found. Check data.train_path / val_path / test_path.")
+        if path.is_file() and path.stat().st_size == 0:
+            raise located(path, None, None, "the file is empty. Point to a file holding records.")
+        rows = read_dataset_rows(path, split, config) if path.is_dir() else _read_rows(path)
     if not rows:
         raise located(path, None, None, "no records found. Point to a file holding records.")
     records: list[dict] = []
@@ -61,30 +71,18 @@ def load_records(path: str | Path, split: str | Sequence[str] | None = None) -> 
     return records
 
 
-def _read_rows(path: Path, split: str | Sequence[str] | None) -> list[tuple[str, str, Any]]:
+def _read_rows(path: Path) -> list[tuple[str, str, Any]]:
     """(where, default id, raw record) for every record of the file."""
-    if path.is_dir():
-        return _read_saved_dataset(path, split)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
         for n, line in read_text_lines(path):
             if not line.strip():
                 continue
-            try:
-                rows.append((f"{path}:{n}", f"{path.name}:{n}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise located(
-                    path, n, None, f"invalid JSON at column {err.colno}: {err.msg}. Fix the line or remove it."
-                ) from None
+            rows.append((f"{path}:{n}", f"{path.name}:{n}", parse_json(line, path, n)))
         return rows
     if suffix == ".json":
-        try:
-            data = json.loads(read_text(path))
-        except json.JSONDecodeError as err:
-            raise located(
-                path, err.lineno, None, f"invalid JSON at column {err.colno}: {err.msg}. Fix the file."
-            ) from None
+        data = parse_json(read_text(path), path)
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
@@ -107,42 +105,10 @@ def _read_rows(path: Path, split: str | Sequence[str] | None) -> list[tuple[str,
             path,
             None,
             None,
-            f"unsupported file type {suffix!r}: use .jsonl, .json, .parquet "
-            "or a directory written by datasets' save_to_disk.",
+            f"unsupported file type {suffix!r}: use .jsonl, .json, .parquet, a directory written by "
+            "datasets' save_to_disk, a folder in the Hub's layout or a Hub dataset id.",
         )
     return [(f"{path}:record {i}", f"{path.name}:{i}", raw) for i, raw in enumerate(data)]
-
-
-def _read_saved_dataset(path: Path, split: str | Sequence[str] | None) -> list[tuple[str, str, Any]]:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except Exception as err:  # not a saved dataset: datasets raises FileNotFoundError or others
-        raise located(
-            path,
-            None,
-            None,
-            f"is a directory but not a dataset written by save_to_disk ({err}). "
-            "Give a .jsonl/.json/.parquet file or a save_to_disk directory.",
-        ) from None
-    name = None
-    if isinstance(ds, datasets.DatasetDict):
-        wanted = [split] if isinstance(split, str) else list(split or [])
-        present = [s for s in wanted if s in ds] if wanted else list(ds)
-        if not present or (not wanted and len(present) > 1):
-            asked = f"none of them {wanted}" if wanted else "and no split was named"
-            raise located(
-                path,
-                None,
-                None,
-                f"the saved DatasetDict has splits {sorted(ds)}, {asked}. "
-                "Save only the split you mean, or name it 'train' / 'validation'.",
-            )
-        name = present[0]
-        ds = ds[name]
-    tag = f"[{name}]" if name else ""
-    return [(f"{path}{tag}:record {i}", f"{path.name}{tag}:{i}", raw) for i, raw in enumerate(ds.to_list())]
 
 
 def normalise_record(raw: Any, where: str, default_id: str) -> dict:
@@ -186,7 +152,7 @@ def normalise_record(raw: Any, where: str, default_id: str) -> dict:
         record[f"{side}_finished"] = _flag(raw, flag, where) if prefix else True
         record[f"{side}_ids"] = _ids(raw, f"{prefix}_ids", where) if prefix else None
     fingerprint = raw.get("tokenizer_fingerprint")
-    if fingerprint is not None and not isinstance(fingerprint, str):
+    if fingerprint is not None and text_expected(fingerprint):
         raise _expected(where, "tokenizer_fingerprint", "a string (as `wspo sample` writes it) or nothing", fingerprint)
     record["tokenizer_fingerprint"] = fingerprint
     return record
@@ -236,8 +202,9 @@ def _conversational_pair(raw: dict, where: str) -> tuple[list[dict], str, str]:
 
 def _text(raw: dict, field: str, where: str) -> str:
     value = raw.get(field, _MISSING)
-    if not isinstance(value, str) or not value.strip():
-        raise _expected(where, field, "a non-empty string", value)
+    expected = text_expected(value)
+    if expected:
+        raise _expected(where, field, expected, value)
     return value
 
 
@@ -250,10 +217,11 @@ def _messages(raw: dict, field: str, where: str, min_len: int = 1) -> list[dict]
         if not isinstance(message, dict):
             raise _expected(where, f"{field}[{i}]", "a message {role, content}", message)
         role, content = message.get("role", _MISSING), message.get("content", _MISSING)
-        if not isinstance(role, str) or not role:
+        if text_expected(role):
             raise _expected(where, f"{field}[{i}].role", "a role string such as 'user'", role)
-        if not isinstance(content, str) or not content.strip():
-            raise _expected(where, f"{field}[{i}].content", "a non-empty string", content)
+        expected = text_expected(content)
+        if expected:
+            raise _expected(where, f"{field}[{i}].content", expected, content)
         messages.append({"role": role, "content": content})
     return messages
 
@@ -272,7 +240,11 @@ def _record_id(raw: dict, where: str, default_id: str) -> str:
     value = raw.get("id")
     if value is None:
         return default_id
-    if isinstance(value, bool) or not isinstance(value, (str, int)) or value == "":
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (str, int))
+        or (isinstance(value, str) and text_expected(value))
+    ):
         raise _expected(where, "id", "a non-empty string or an integer (or no id)", value)
     return str(value)
 

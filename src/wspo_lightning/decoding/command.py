@@ -102,8 +102,9 @@ class GenerateConfig:
     """Plain template with a `{prompt}` field, for a tokenizer without a chat template."""
     limit: int | None = None
     """Only the first `limit` prompts."""
-    reward: str | None = None
-    """Gold reward reported per response and on average: null, `vader`, or an import path of a reward class."""
+    reward: str | dict | None = None
+    """Gold reward reported per response and on average: null, `vader`, `rm:PATH` (a reward model), an import
+    path of a reward class, or a class_path/init_args block (`wspo_lightning.rewards.load_reward`)."""
     device: str | None = None
     """cpu, cuda, cuda:1, ... (null: cuda when available)."""
 

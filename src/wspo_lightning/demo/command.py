@@ -288,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="redo every stage")
     parser.add_argument("--cache_dir", default=None, help="where the converted strong model is kept")
     parser.add_argument("--strong", default=None, help="strong model folder instead of SmolLM2-135M-Instruct")
-    parser.add_argument("--reward", default=VADER, help="gold reward: import path of a Reward class")
+    parser.add_argument(
+        "--reward",
+        type=str | dict,
+        default=VADER,
+        help="gold reward: vader, rm:PATH (a reward model folder), the import path of a Reward class, "
+        "or a class_path/init_args block",
+    )
     parser.add_class_arguments(DemoSettings, "settings", default=replace(preset))
     cfg = parser.parse_args(argv)
     settings = DemoSettings(**cfg.settings.as_dict()) if hasattr(cfg.settings, "as_dict") else cfg.settings

@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from wspo_lightning.cache.store import LogpsCache
@@ -51,13 +52,18 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         policy: the strong model being trained.
         reference: frozen reference; None means a frozen copy of the policy's starting weights
             (with LoRA: the policy with its adapters disabled, no second copy).
-        learning_rate: peak AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        warmup_ratio: fraction of the optimizer steps spent warming up linearly, then cosine decay to 0.
+        learning_rate: peak AdamW learning rate (the default optimizer's; a given `optimizer` has its own lr).
+        weight_decay: AdamW weight decay (the default optimizer's).
+        warmup_ratio: fraction of the optimizer steps spent warming up linearly, then cosine decay to 0
+            (the default schedule's).
         freeze_embeddings: keep the input embeddings (and a tied lm_head) fixed.
         disable_dropout: zero every dropout in the policy, so policy and reference agree at step 0.
         cache_dir: frozen log-probs written by `wspo precompute` for this config; the cached roles
             never load. A cache that no longer matches the data or the models is refused.
+        optimizer: an optimizer class_path / init_args block (torch.optim.*, bitsandbytes.optim.AdamW8bit,
+            PagedAdamW, PagedAdamW8bit, ...); null: AdamW at learning_rate (`wspo_lightning.optim`).
+        lr_scheduler: a schedule class_path / init_args block; an unset `num_training_steps` or `total_steps`
+            gets the run's optimizer steps; null: warm-up over warmup_ratio, then cosine decay.
     """
 
     def __init__(
@@ -70,6 +76,8 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         freeze_embeddings: bool = False,
         disable_dropout: bool = True,
         cache_dir: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         if not learning_rate > 0:
@@ -77,6 +85,8 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         if not 0 <= warmup_ratio < 1:
             raise InputError(f"model.warmup_ratio must be in [0, 1), got {warmup_ratio}")
         self.save_hyperparameters()
+        # the callables themselves (hparams hold their config blocks under LightningCLI)
+        self.optimizer_callable, self.lr_scheduler_callable = optimizer, lr_scheduler
         # LightningCLI stores hparams as plain dicts: keep the specs themselves.
         self.policy_spec, self.reference_spec = as_spec(policy), as_spec(reference)
         self.policy: nn.Module | None = None  # built in configure_model, so strategies can shard it
@@ -189,13 +199,20 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from transformers import get_cosine_schedule_with_warmup
+        from wspo_lightning import optim
 
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
-        schedule = get_cosine_schedule_with_warmup(optimizer, int(self.hparams.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        hp = self.hparams
+        return optim.configure(
+            params,
+            total,
+            self.optimizer_callable,
+            self.lr_scheduler_callable,
+            hp.learning_rate,
+            hp.weight_decay,
+            hp.warmup_ratio,
+        )
 
     def validation_step(self, batch: dict, batch_idx: int) -> Any:
         return self.evaluate(batch, "val")

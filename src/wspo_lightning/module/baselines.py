@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from wspo_lightning import losses
@@ -51,11 +52,22 @@ class DPOModule(PreferenceModule):
         freeze_embeddings: bool = False,
         disable_dropout: bool = True,
         cache_dir: str | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if not (beta > 0 and beta != float("inf")):
             raise InputError(f"model.beta must be a finite positive number, got {beta}")
         super().__init__(
-            policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings, disable_dropout, cache_dir
+            policy,
+            reference,
+            learning_rate,
+            weight_decay,
+            warmup_ratio,
+            freeze_embeddings,
+            disable_dropout,
+            cache_dir,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
         )
 
     def _step(self, batch: dict, split: str) -> dict[str, tuple[Tensor, Any]]:

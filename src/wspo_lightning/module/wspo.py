@@ -7,6 +7,7 @@ import math
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from wspo_lightning import losses
@@ -62,13 +63,24 @@ class WSPOModule(PreferenceModule):
         disable_dropout: bool = True,
         cache_dir: str | None = None,
         weak_tokenization: Literal["auto", "shared", "own"] = "auto",
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         if weak_tokenization not in ("auto", "shared", "own"):
             raise InputError(f"model.weak_tokenization must be auto, shared or own, got {weak_tokenization!r}")
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise InputError(f"model.gamma must be a finite positive number, got {gamma}")
         super().__init__(
-            policy, reference, learning_rate, weight_decay, warmup_ratio, freeze_embeddings, disable_dropout, cache_dir
+            policy,
+            reference,
+            learning_rate,
+            weight_decay,
+            warmup_ratio,
+            freeze_embeddings,
+            disable_dropout,
+            cache_dir,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
         )
         self.weak_base_spec, self.weak_aligned_spec = as_spec(weak_base), as_spec(weak_aligned)
         self.gamma = float(gamma)  # documented hook: GammaSchedule sets it before each training batch

@@ -164,6 +164,10 @@ def evaluate(
     prompt_template: str = "{prompt}",
     device: str = "auto",
     force: bool = False,
+    wandb_project: str | None = None,
+    wandb_entity: str | None = None,
+    wandb_name: str | None = None,
+    wandb_dir: str | None = None,
 ) -> Path:
     """Write `out` (results.json): a list with one object per row.
 
@@ -181,6 +185,11 @@ def evaluate(
         prompt_template: plain template with a `{prompt}` field, used without a chat template.
         device: "auto" (a GPU when there is one), "cpu", "cuda", ...
         force: redo even if `out` exists.
+        wandb_project: also log the table and a gold-reward-vs-KL plot to a W&B run of this project
+            (WANDB_MODE=offline writes it locally for `wandb sync`); None: no W&B.
+        wandb_entity: W&B entity (user or team); None: the default one.
+        wandb_name: the W&B run's name; None: "evaluate".
+        wandb_dir: folder for the W&B run's files; None: beside `out`.
     """
     if done("evaluate", out, force):
         return Path(out)
@@ -217,7 +226,43 @@ def evaluate(
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     say("evaluate", f"wrote {out}")
+    if wandb_project:
+        log_to_wandb(results, wandb_project, wandb_entity, wandb_name, wandb_dir or str(Path(out).parent))
     return Path(out)
+
+
+TABLE_KEY, PLOT_KEY = "evaluate/results", "evaluate/reward_vs_kl"
+"""Where `wspo evaluate` logs its table and its gold-reward-vs-KL plot in a W&B run."""
+TABLE_COLUMNS = ["row", "gold_reward", "ci_low", "ci_high", "kl", "diff_vs_baseline", "mean_length", "distinct_2", "n"]
+
+
+def log_to_wandb(results: list[dict], project: str, entity: str | None, name: str | None, save_dir: str) -> str:
+    """One W&B run holding the results table (`TABLE_KEY`) and a scatter of gold reward against KL
+    (`PLOT_KEY`; rows without a KL, such as searches, are left out of it). Returns the run's folder."""
+    import wandb
+
+    rows = [
+        [
+            r["name"],
+            r["gold_reward_mean"],
+            *r["gold_reward_ci"],
+            r["kl"],
+            r.get("diff_vs_baseline"),
+            r["mean_length"],
+            r["distinct_2"],
+            r["n"],
+        ]
+        for r in results
+    ]
+    Path(save_dir).mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, entity=entity, name=name or "evaluate", dir=save_dir, job_type="evaluate")
+    table = wandb.Table(columns=TABLE_COLUMNS, data=rows)
+    with_kl = wandb.Table(columns=TABLE_COLUMNS, data=[row for row in rows if row[4] is not None])
+    run.log({TABLE_KEY: table, PLOT_KEY: wandb.plot.scatter(with_kl, "kl", "gold_reward", title="gold reward vs KL")})
+    folder = run.dir
+    run.finish()
+    say("evaluate", f"logged the table and the reward-vs-KL plot to W&B ({project})")
+    return folder
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,26 +1,28 @@
 """Stage `score`: add a gold `reward` to every sampled response.
 
 The reward is anything with `__call__(prompts, responses) -> list[float]` (see
-`wspo_lightning.rewards.Reward`): VADER sentiment by default, or a reward model of your own
-given by its import path.
+`wspo_lightning.rewards.Reward`): VADER sentiment by default, a reward model (`rm:PATH`, any
+`AutoModelForSequenceClassification`), or a class of your own given by its import path or a
+`class_path` / `init_args` block.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from wspo_lightning.commands import run_function
 from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.pipeline.stage import done, say
-from wspo_lightning.rewards import load_reward
+from wspo_lightning.rewards import describe, load_reward
 
 
 def score(
     samples: str,
     out: str,
-    reward: str = "wspo_lightning.rewards.VaderReward",
+    reward: str | dict[str, Any] = "wspo_lightning.rewards.VaderReward",
     batch_size: int = 64,
     force: bool = False,
 ) -> Path:
@@ -30,7 +32,8 @@ def score(
         samples: JSONL with `prompt` and `response` fields (the output of `wspo sample`), or `completion`
             (the output of `wspo generate`, copied to `response`).
         out: output JSONL: the input records plus `reward`.
-        reward: import path of a reward class or function (see `wspo_lightning.rewards`).
+        reward: `vader`, `rm:PATH` (a reward model folder), the import path of a reward class or function,
+            or a class_path / init_args block (see `wspo_lightning.rewards.load_reward`).
         batch_size: responses passed to the reward at once.
         force: redo even if `out` exists.
     """
@@ -40,7 +43,7 @@ def score(
     for record in records:  # `wspo generate` writes `completion`: later stages read `response`
         record.setdefault("response", record.get("completion"))
     scorer = load_reward(reward)
-    name = reward if isinstance(reward, str) else type(reward).__name__
+    name = describe(reward)
     say("score", f"{len(records)} responses of {samples} with {name}")
     for first in tqdm(range(0, len(records), batch_size), desc="score", unit="batch", dynamic_ncols=True):
         batch = records[first : first + batch_size]
