@@ -29,3 +29,24 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def world16(tmp_path_factory):
+    """A tiny world of 16 training and 8 validation records: one step of batch 16 is a whole epoch, so runs on
+    several ranks (each dealt its share by a distributed sampler) see the same records per step as one process."""
+    from wspo_lightning.tiny import write_tiny_world
+
+    return write_tiny_world(tmp_path_factory.mktemp("world16"), n_train=16, n_val=8)
+
+
+@pytest.fixture(scope="session")
+def single16(world16, tmp_path_factory):
+    """One process, batch 16, 4 steps on `world16`: the reference curve and final policy weights."""
+    from helpers import STEPS, metrics, strategy_config
+
+    from wspo_lightning.lightning_cli import run_cli
+
+    out = tmp_path_factory.mktemp("single")
+    cli = run_cli(["fit", "--config", str(strategy_config(world16, out)), *STEPS, "--data.batch_size=16"])
+    return metrics(cli), {n: p.detach().clone() for n, p in cli.model.policy.state_dict().items()}

@@ -1,11 +1,19 @@
-"""What several test files share: the tiny config rewriter, the CSV metrics reader, a stand-in gold reward
-and a tiny model that ends its turns on purpose."""
+"""What several test files share: the tiny config rewriters, the CSV metrics reader, launchers of training
+processes, a stand-in gold reward and a tiny model that ends its turns on purpose."""
 
 from __future__ import annotations
 
 import csv
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -111,3 +119,134 @@ def write_turn_ender(out: Path, tokenizer, token: str, logit: float = 6.0) -> Pa
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+# ---- several processes (DDP, FSDP2, several nodes) on this machine, gloo over loopback
+
+STEPS = ["--trainer.max_steps=4", "--trainer.max_epochs=4", "--data.eval_batch_size=4", "--trainer.accelerator=cpu"]
+COMPARED = ["train/loss", "train/wspo/delta_strong", "val/loss", "val/rewards/strong_margin"]
+
+
+def strategy_config(world: Path, out: Path, checkpoint_every: int | None = None, fsdp2: bool = False) -> Path:
+    """configs/tiny_cpu.yaml on `world`, writing under `out`, with optional step checkpoints (`out/ckpt/step=N.ckpt`).
+
+    SampleTable is left out to keep these runs short (tests/test_sample_table_ddp.py runs it on 2 ranks), and
+    under FSDP2 NonFiniteGuard's gradient check until callbacks/faults.py handles DTensor gradients
+    (`.tolist()` fails); the guard still checks the loss."""
+    data = yaml.safe_load(
+        (ROOT / "configs" / "tiny_cpu.yaml")
+        .read_text()
+        .replace("runs/tiny/logs", str(out / "logs"))
+        .replace("runs/tiny/wspo_policy", str(out / "export"))
+        .replace("runs/tiny", str(world))
+    )
+    callbacks = [c for c in data["trainer"]["callbacks"] if not c["class_path"].endswith("SampleTable")]
+    if checkpoint_every:
+        for c in callbacks:
+            if c["class_path"].endswith("ModelCheckpoint"):
+                c["init_args"] = {
+                    "dirpath": str(out / "ckpt"),
+                    "filename": "{step}",
+                    "save_top_k": -1,
+                    "every_n_train_steps": checkpoint_every,
+                }
+    if fsdp2:
+        callbacks.append(
+            {"class_path": "wspo_lightning.callbacks.faults.NonFiniteGuard", "init_args": {"check_gradients": False}}
+        )
+    data["trainer"]["callbacks"] = callbacks
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def launch_all(commands: list[tuple[list[str], dict[str, str]]], timeout: int = 180) -> list[str]:
+    """Run (command, extra environment) pairs at once, each in its own process group, all killed on timeout;
+    their stderr (through files: a full pipe would stall a rank and with it its peers)."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    logs = [tempfile.TemporaryFile("w+") for _ in commands]
+    processes = [
+        subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=log, env={**base, **env}, cwd=ROOT, start_new_session=True
+        )
+        for (command, env), log in zip(commands, logs)
+    ]
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pass
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    errors = []
+    for log in logs:
+        log.seek(0)
+        errors.append(log.read())
+        log.close()
+    codes = [p.returncode for p in processes]
+    if codes != [0] * len(processes):
+        commands_run = "\n".join(" ".join(c) for c, _ in commands)
+        pytest.fail(
+            f"exit codes {codes} (-9: killed after {timeout} s) of\n{commands_run}\n"
+            + "\n".join(e[-3000:] for e in errors)
+        )
+    return errors
+
+
+def launch(command: list[str], timeout: int = 180) -> str:
+    """Run `command` in its own process group (killed whole on timeout); its stderr."""
+    return launch_all([(command, {})], timeout)[0]
+
+
+def wspo(*args: str) -> list[str]:
+    return [sys.executable, "-m", "wspo_lightning.cli", *args]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "wspo_lightning.cli",
+        *args,
+    ]
+
+
+def free_port(low: int = 20000, high: int = 30000) -> int:
+    """A TCP port in [low, high) that nothing listens on at 127.0.0.1 now."""
+    for port in range(low + os.getpid() % 997, high):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in [{low}, {high})")
+
+
+def csv_metrics(out: Path) -> dict[str, list[float]]:
+    """What rank 0's CSVLogger wrote under `out`, in its newest version folder."""
+    return metrics(sorted((out / "logs" / "wspo").glob("version_*"))[-1] / "metrics.csv")
+
+
+def assert_curves_match(got: dict, want: dict, names=COMPARED, rtol: float = 1e-4) -> None:
+    for name in names:
+        assert len(got[name]) == len(want[name]) > 0, (name, got.get(name), want.get(name))
+        torch.testing.assert_close(
+            torch.tensor(got[name]),
+            torch.tensor(want[name]),
+            rtol=rtol,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name}: {m}\n got {got[name]}\n want {want[name]}",
+        )
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))

@@ -9,132 +9,32 @@ records, DDP and FSDP average gradients: the per-step losses (logged as means ov
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from helpers import ROOT, metrics
+from helpers import (
+    ROOT,
+    STEPS,
+    assert_curves_match,
+    csv_metrics,
+    launch,
+    metrics,
+    relative,
+    strategy_config,
+    torchrun,
+    wspo,
+)
 from safetensors.torch import load_file
 
 from wspo_lightning.cache import LogpsCache
 from wspo_lightning.lightning_cli import precompute, run_cli
-from wspo_lightning.tiny import write_tiny_world
-
-STEPS = ["--trainer.max_steps=4", "--trainer.max_epochs=4", "--data.eval_batch_size=4", "--trainer.accelerator=cpu"]
-COMPARED = ["train/loss", "train/wspo/delta_strong", "val/loss", "val/rewards/strong_margin"]
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return write_tiny_world(tmp_path_factory.mktemp("world16"), n_train=16, n_val=8)
-
-
-def config(world: Path, out: Path, checkpoint_every: int | None = None, fsdp2: bool = False) -> Path:
-    """configs/tiny_cpu.yaml on `world`, writing under `out`, with optional step checkpoints.
-
-    SampleTable is left out to keep these runs short (tests/test_sample_table_ddp.py runs it on 2 ranks), and
-    under FSDP2 NonFiniteGuard's gradient check until callbacks/faults.py handles DTensor gradients
-    (`.tolist()` fails); the guard still checks the loss."""
-    data = yaml.safe_load(
-        (ROOT / "configs" / "tiny_cpu.yaml")
-        .read_text()
-        .replace("runs/tiny/logs", str(out / "logs"))
-        .replace("runs/tiny/wspo_policy", str(out / "export"))
-        .replace("runs/tiny", str(world))
-    )
-    callbacks = [c for c in data["trainer"]["callbacks"] if not c["class_path"].endswith("SampleTable")]
-    if checkpoint_every:
-        for c in callbacks:
-            if c["class_path"].endswith("ModelCheckpoint"):
-                c["init_args"] = {
-                    "dirpath": str(out / "ckpt"),
-                    "filename": "{step}",
-                    "save_top_k": -1,
-                    "every_n_train_steps": checkpoint_every,
-                }
-    if fsdp2:
-        callbacks.append(
-            {"class_path": "wspo_lightning.callbacks.faults.NonFiniteGuard", "init_args": {"check_gradients": False}}
-        )
-    data["trainer"]["callbacks"] = callbacks
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def launch(command: list[str], timeout: int = 180) -> str:
-    """Run `command` in its own process group (killed whole on timeout); its stderr."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT, start_new_session=True
-    )
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"timed out after {timeout} s: {' '.join(command)}\n{stderr[-4000:]}")
-    assert process.returncode == 0, stderr[-4000:]
-    return stderr
-
-
-def wspo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "wspo_lightning.cli", *args]
-
-
-def torchrun(*args: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "wspo_lightning.cli",
-        *args,
-    ]
-
-
-def csv_metrics(out: Path) -> dict[str, list[float]]:
-    """What rank 0's CSVLogger wrote under `out`, in its newest version folder."""
-    return metrics(sorted((out / "logs" / "wspo").glob("version_*"))[-1] / "metrics.csv")
-
-
-@pytest.fixture(scope="module")
-def single(world, tmp_path_factory):
-    """One process, batch 16: the reference curve and final weights."""
-    out = tmp_path_factory.mktemp("single")
-    cli = run_cli(["fit", "--config", str(config(world, out)), *STEPS, "--data.batch_size=16"])
-    return metrics(cli), {n: p.detach().clone() for n, p in cli.model.policy.state_dict().items()}
-
-
-def assert_curves_match(got: dict, want: dict, names=COMPARED, rtol: float = 1e-4) -> None:
-    for name in names:
-        assert len(got[name]) == len(want[name]) > 0, (name, got.get(name), want.get(name))
-        torch.testing.assert_close(
-            torch.tensor(got[name]),
-            torch.tensor(want[name]),
-            rtol=rtol,
-            atol=1e-6,
-            msg=lambda m, name=name: f"{name}: {m}\n got {got[name]}\n want {want[name]}",
-        )
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp(min=1e-12))
-
-
-@pytest.fixture(scope="module")
-def ddp_cache(world, tmp_path_factory):
+def ddp_cache(world16, tmp_path_factory):
     """`wspo precompute` on two processes: (config, cache folder)."""
     out = tmp_path_factory.mktemp("ddp_cache")
-    path, cache = config(world, out), out / "cache"
+    path, cache = strategy_config(world16, out), out / "cache"
     launch(
         wspo(
             "precompute",
@@ -149,7 +49,7 @@ def ddp_cache(world, tmp_path_factory):
 
 
 def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_losses(
-    world, tmp_path, single, ddp_cache
+    world16, tmp_path, single16, ddp_cache
 ):
     """The single-process run computes every frozen role live; the DDP run loads only the policy."""
     out = tmp_path / "ddp"
@@ -157,7 +57,7 @@ def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_lo
         wspo(
             "fit",
             "--config",
-            str(config(world, out)),
+            str(strategy_config(world16, out)),
             *STEPS,
             "--data.batch_size=8",
             "--trainer.devices=2",
@@ -165,13 +65,13 @@ def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_lo
             f"--model.init_args.cache_dir={ddp_cache[1]}",
         )
     )
-    assert_curves_match(csv_metrics(out), single[0])
+    assert_curves_match(csv_metrics(out), single16[0])
     exported = load_file(str(out / "export" / "model.safetensors"))
-    for name, tensor in single[1].items():
+    for name, tensor in single16[1].items():
         assert relative(exported[name], tensor) < 1e-3, name
 
 
-def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, tmp_path, single):
+def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world16, tmp_path, single16):
     """torchrun launch, FSDP2Strategy (ModelParallelStrategy + fully_shard per decoder layer), a
     distributed checkpoint at step 2, then a second run resumed from it redoes steps 3-4 exactly."""
     fsdp2 = [
@@ -182,13 +82,17 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, 
         *STEPS,
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(torchrun("fit", "--config", str(config(world, full, checkpoint_every=2, fsdp2=True)), *fsdp2))
+    launch(torchrun("fit", "--config", str(strategy_config(world16, full, checkpoint_every=2, fsdp2=True)), *fsdp2))
     checkpoint = full / "ckpt" / "step=2.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
     full_metrics = csv_metrics(full)
-    assert_curves_match(full_metrics, single[0])
+    assert_curves_match(full_metrics, single16[0])
 
-    launch(torchrun("fit", "--config", str(config(world, resumed, fsdp2=True)), *fsdp2, f"--ckpt_path={checkpoint}"))
+    launch(
+        torchrun(
+            "fit", "--config", str(strategy_config(world16, resumed, fsdp2=True)), *fsdp2, f"--ckpt_path={checkpoint}"
+        )
+    )
     resumed_metrics = csv_metrics(resumed)
     assert resumed_metrics["step"][0] == 2  # it went on from step 2
     torch.testing.assert_close(
@@ -197,29 +101,50 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world, 
 
     # HFExport gathers the DTensor shards into one plain Hugging Face checkpoint
     exported = load_file(str(full / "export" / "model.safetensors"))
-    assert exported.keys() == single[1].keys()
+    assert exported.keys() == single16[1].keys()
     torch.testing.assert_close(load_file(str(resumed / "export" / "model.safetensors")), exported, rtol=1e-6, atol=1e-7)
-    for name, tensor in single[1].items():
+    for name, tensor in single16[1].items():
         assert relative(exported[name], tensor) < 1e-3, name
 
 
-def test_fsdp2_trains_lora_adapters_and_exports_the_merged_policy(world, tmp_path):
-    """LoRA under FSDP2 (frozen base and trainable adapters in one sharded unit); HFExport gathers the
-    shards, merges the adapters on rank 0 and writes a plain model equal to a one-process run's."""
+def merged_by_hand(start: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float) -> dict:
+    """`start` (a float checkpoint) with every LoRA update folded in: W + scale * B @ A."""
+    merged = dict(start)
+    for name, a in adapters.items():
+        if ".lora_A." in name:
+            b = adapters[name.replace(".lora_A.", ".lora_B.")]
+            target = name.split("base_model.model.", 1)[1].split(".lora_A.")[0] + ".weight"
+            merged[target] = start[target] + scale * (b @ a)
+    return merged
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+def test_fsdp2_trains_lora_adapters_like_one_process_and_exports_the_merged_policy(world16, tmp_path, quantization):
+    """LoRA under FSDP2 (frozen base and trainable adapters in one sharded unit), over a float base or a 4-bit
+    NF4 one (QLoRA: the packed weights stored as float32, `bnb_4bit_quant_storage`, so FSDP2 shards them too):
+    the losses of one process, and HFExport gathers the shards and writes a plain float model, the start's
+    weights with the trained adapters folded in by hand (W + alpha/r * B @ A)."""
+    if quantization == "4bit":
+        pytest.importorskip("bitsandbytes")
     lora = [
         "--model.policy.lora.r=4",
+        f"--model.policy.quantization={quantization}",
         "--model.learning_rate=0.01",
         "--trainer.max_steps=2",
         "--trainer.limit_val_batches=0",
         "--trainer.accelerator=cpu",
     ]
-    single = run_cli(["fit", "--config", str(config(world, tmp_path / "one")), *lora, "--data.batch_size=16"])
-    want = {n: p.detach() for n, p in single.model.policy.merge_and_unload().state_dict().items()}
+    one = strategy_config(world16, tmp_path / "one", checkpoint_every=2)
+    single = run_cli(["fit", "--config", str(one), *lora, "--data.batch_size=16"])
+    # the trained adapters, from the checkpoint of the last step (the export merges them away in place)
+    state = torch.load(tmp_path / "one" / "ckpt" / "step=2.ckpt", weights_only=True)["state_dict"]
+    adapters = {n.removeprefix("policy."): t for n, t in state.items() if ".lora_" in n}
+    assert len(adapters) == 2 * 2 * 7  # A and B, 2 layers x 7 linear layers
     stderr = launch(
         torchrun(
             "fit",
             "--config",
-            str(config(world, tmp_path / "fsdp2", fsdp2=True)),
+            str(strategy_config(world16, tmp_path / "fsdp2", fsdp2=True)),
             *lora,
             "--config",
             str(ROOT / "configs" / "strategies" / "fsdp2.yaml"),
@@ -227,14 +152,16 @@ def test_fsdp2_trains_lora_adapters_and_exports_the_merged_policy(world, tmp_pat
             "--data.batch_size=8",
         )
     )
-    assert "FSDP2: sharded 2 decoder layers (LlamaDecoderLayer) over 2 ranks" in stderr
+    packed = ", 14 of their weights in 4-bit (bitsandbytes)" if quantization == "4bit" else ""  # 2 layers x 7
+    assert f"FSDP2: sharded 2 decoder layers (LlamaDecoderLayer) over 2 ranks{packed}\n" in stderr
+    assert_curves_match(csv_metrics(tmp_path / "fsdp2"), metrics(single), ["train/loss", "train/wspo/delta_strong"])
     exported = load_file(str(tmp_path / "fsdp2" / "export" / "model.safetensors"))
-    start = load_file(str(world / "policy" / "model.safetensors"))
+    start = load_file(str(world16 / "policy" / "model.safetensors"))
     assert exported.keys() == start.keys()  # a plain model: no adapter keys left
     assert not torch.equal(
         exported["model.layers.0.self_attn.q_proj.weight"], start["model.layers.0.self_attn.q_proj.weight"]
     )
-    for name, tensor in want.items():
+    for name, tensor in merged_by_hand(start, adapters, scale=32 / 4).items():  # LoraSpec's alpha 32, r 4
         assert relative(exported[name], tensor) < 1e-3, name
 
 

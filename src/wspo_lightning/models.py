@@ -147,6 +147,8 @@ def _quantization_config(spec: ModelSpec):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_compute_dtype=spec.torch_dtype,
         bnb_4bit_use_double_quant=True,
+        # packed 4-bit weights viewed as the model's float dtype, so FSDP can shard them with the other weights
+        bnb_4bit_quant_storage=spec.torch_dtype,
     )
 
 

@@ -2,7 +2,9 @@
 
 `FSDP2Strategy` is Lightning's `ModelParallelStrategy` with the data-parallel size defaulting to the
 world size (pure FSDP2, any number of nodes); `PreferenceModule.configure_model` calls `shard_policy`
-whenever the strategy sets a device mesh. Frozen roles are never sharded. YAML: configs/strategies/.
+whenever the strategy sets a device mesh. A QLoRA policy (4-bit base, bitsandbytes) is sharded too: its packed
+weights are stored in a float dtype (`bnb_4bit_quant_storage`). Frozen roles are never sharded. YAML:
+configs/strategies/.
 """
 
 from __future__ import annotations
@@ -45,15 +47,11 @@ def shard_policy(
             "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
             "or use wspo_lightning.strategies.FSDP2Strategy"
         )
-    if any(getattr(p, "quant_state", None) is not None for p in model.parameters()):
-        raise InputError(
-            "a bitsandbytes-quantized policy (QLoRA) cannot be sharded with FSDP2: use DDP "
-            "(configs/strategies/ddp.yaml), or a float policy"
-        )
     mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if precision is not None and precision.startswith("bf16-mixed"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    packed = check_quantized_shardable(model, kwargs.get("mp_policy"))
     classes = decoder_layer_classes(model)
     if not classes:
         log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit", type(model).__name__)
@@ -62,12 +60,35 @@ def shard_policy(
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     log.info(
-        "FSDP2: sharded %d decoder layers (%s) over %d ranks",
+        "FSDP2: sharded %d decoder layers (%s) over %d ranks%s",
         len(layers),
         ", ".join(sorted(c.__name__ for c in classes)),
         mesh.size(),
+        f", {packed} of their weights in 4-bit (bitsandbytes)" if packed else "",
     )
     return model
+
+
+def check_quantized_shardable(model: nn.Module, mp_policy=None) -> int:
+    """How many bitsandbytes 4-bit weights `model` holds, after checking FSDP2 can shard them: each is packed
+    bytes viewed as a float dtype (`bnb_4bit_quant_storage`), which FSDP2 splits and gathers like any weight,
+    and bitsandbytes re-attaches its quantization state at each forward. FSDP2 must not cast them: under
+    bf16-mixed their storage dtype must be bfloat16. 8-bit weights (int8) cannot be sharded."""
+    quantized = [p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
+    if any(type(p).__name__ == "Int8Params" for p in quantized):
+        raise InputError(
+            "an 8-bit (bitsandbytes) policy cannot be sharded with FSDP2: use quantization: 4bit (QLoRA), "
+            "or DDP (configs/strategies/ddp.yaml)"
+        )
+    cast = getattr(mp_policy, "param_dtype", None)
+    wrong = {p.dtype for p in quantized} - {cast} if cast is not None else set()
+    if quantized and (wrong or not all(p.dtype.is_floating_point for p in quantized)):
+        raise InputError(
+            f"the policy's 4-bit weights are stored as {sorted(map(str, {p.dtype for p in quantized}))}, but FSDP2 "
+            f"would gather them as {cast}: set model.policy.dtype: bfloat16 under precision bf16-mixed "
+            "(the 4-bit weights are stored in the policy's dtype)"
+        )
+    return len(quantized)
 
 
 class FSDP2Strategy(ModelParallelStrategy):

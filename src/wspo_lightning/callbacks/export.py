@@ -55,9 +55,11 @@ def unsharded_copy(policy: torch.nn.Module, state_dict: dict[str, torch.Tensor])
     return copy
 
 
-def adapter_on_float_base(policy: torch.nn.Module, spec) -> torch.nn.Module:
+def adapter_on_float_base(policy: torch.nn.Module, spec, gathered: dict | None = None) -> torch.nn.Module:
     """The trained LoRA adapters of a policy whose base is quantized, on that base reloaded unquantized (the
-    spec's dtype): merging then adds B @ A * alpha / r to the exact weights, not to 4-bit or 8-bit rounded ones."""
+    spec's dtype): merging then adds B @ A * alpha / r to the exact weights, not to 4-bit or 8-bit rounded ones.
+    A sharded policy's adapters come from its `gathered` state dict (its gathered 4-bit shards could not rebuild
+    the quantized model: their quantization state is not in it)."""
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from wspo_lightning.models import load_model
@@ -65,7 +67,12 @@ def adapter_on_float_base(policy: torch.nn.Module, spec) -> torch.nn.Module:
     adapter = policy.active_adapter
     base = load_model(replace(spec, quantization="none", lora=None, gradient_checkpointing=False), trainable=False)
     float_policy = get_peft_model(base, copy.deepcopy(policy.peft_config[adapter]))
-    set_peft_model_state_dict(float_policy, get_peft_model_state_dict(policy, adapter_name=adapter))
+    if gathered is None:
+        set_peft_model_state_dict(float_policy, get_peft_model_state_dict(policy, adapter_name=adapter))
+    else:
+        adapters = {name: tensor for name, tensor in gathered.items() if ".lora_" in name}
+        if not adapters or float_policy.load_state_dict(adapters, strict=False).unexpected_keys:
+            raise RuntimeError("the gathered LoRA adapters do not fit the float base")
     return float_policy
 
 
@@ -117,15 +124,22 @@ class HFExport(pl.Callback):
         state_dict = full_state_dict(policy)  # a collective: every rank takes part
         if not trainer.is_global_zero:
             return
-        if state_dict is not None:
-            policy, state_dict = unsharded_copy(policy, state_dict), None
+        spec = getattr(pl_module, "policy_spec", None)
+        quantized = spec is not None and spec.quantization != "none"
+        on_float_base = False
+        if (
+            state_dict is not None
+        ):  # a sharded QLoRA policy's 4-bit base cannot be rebuilt: its adapters go on the float one
+            on_float_base = quantized and hasattr(policy, "merge_and_unload")
+            policy = (
+                adapter_on_float_base(policy, spec, state_dict) if on_float_base else unsharded_copy(policy, state_dict)
+            )
+            state_dict = None
         lora_note = None
         if hasattr(policy, "merge_and_unload"):
-            spec = getattr(pl_module, "policy_spec", None)
-            quantized = spec is not None and spec.quantization != "none"
             lora_note = "adapters only (merge_lora: false)"
             if self.merge_lora:
-                if quantized:
+                if quantized and not on_float_base:
                     policy = adapter_on_float_base(policy, spec)
                 policy = policy.merge_and_unload()
                 lora_note = f"merged onto the {spec.dtype} base" if quantized else "merged into the weights"

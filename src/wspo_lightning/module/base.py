@@ -165,8 +165,8 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         strategy = type(self.trainer.strategy).__name__ if self._trainer is not None else None
         if quantized and strategy == "FSDPStrategy":
             raise InputError(
-                "a bitsandbytes-quantized policy (QLoRA) cannot be wrapped by FSDPStrategy here: "
-                "use DDP (configs/strategies/ddp.yaml), or a float policy with FSDP"
+                "a bitsandbytes-quantized policy (QLoRA) cannot be wrapped by FSDPStrategy (FSDP1) here: "
+                "use FSDP2 (configs/strategies/fsdp2.yaml) or DDP (configs/strategies/ddp.yaml)"
             )
         policy = load_model(self.policy_spec, trainable=True, device=device if quantized else None)
         if self.hparams.disable_dropout:
