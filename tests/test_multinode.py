@@ -9,7 +9,17 @@ from __future__ import annotations
 
 import sys
 
-from helpers import ROOT, STEPS, assert_curves_match, csv_metrics, free_port, launch_all, strategy_config, wspo
+from helpers import (
+    ROOT,
+    STEPS,
+    assert_curves_match,
+    assert_frozen_roles_sharded,
+    csv_metrics,
+    free_port,
+    launch_all,
+    strategy_config,
+    wspo,
+)
 
 NODE = [
     "--config",
@@ -59,7 +69,7 @@ def torchrun_node(port: int, *args: str) -> list[str]:
 
 def test_two_nodes_under_srun_train_and_save_then_resume_under_torchrun(world16, single16, tmp_path):
     """srun: 2 nodes train 4 steps with FSDP2, a sharded checkpoint at step 2 (one file per rank). torchrun:
-    2 nodes resume from it and redo steps 3-4 exactly."""
+    2 nodes resume from it, the frozen roles sharded and offloaded to CPU memory, and redo steps 3-4 exactly."""
     full, resumed = tmp_path / "srun", tmp_path / "torchrun"
     config = strategy_config(world16, full, checkpoint_every=2, fsdp2=True)
     port = free_port(15000, 25000)
@@ -73,8 +83,10 @@ def test_two_nodes_under_srun_train_and_save_then_resume_under_torchrun(world16,
 
     config = strategy_config(world16, resumed, fsdp2=True)
     port = free_port()
-    command = torchrun_node(port, "fit", "--config", str(config), *NODE, f"--ckpt_path={checkpoint}")
+    offload = "--trainer.strategy.frozen_roles=offload"  # the frozen roles' shards in CPU memory
+    command = torchrun_node(port, "fit", "--config", str(config), *NODE, offload, f"--ckpt_path={checkpoint}")
     logs = launch_all([(command, {}), (command, {})])
+    assert_frozen_roles_sharded("".join(logs))
     ranks = [{line.split("GLOBAL_RANK: ")[1][0] for line in log.splitlines() if "GLOBAL_RANK" in line} for log in logs]
     assert sorted(rank for found in ranks for rank in found) == ["0", "1"]  # the rendezvous gave one rank each
     resumed_metrics = csv_metrics(resumed)

@@ -16,6 +16,7 @@ from helpers import (
     ROOT,
     STEPS,
     assert_curves_match,
+    assert_frozen_roles_sharded,
     csv_metrics,
     launch,
     metrics,
@@ -73,7 +74,8 @@ def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_lo
 
 def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world16, tmp_path, single16):
     """torchrun launch, FSDP2Strategy (ModelParallelStrategy + fully_shard per decoder layer), a
-    distributed checkpoint at step 2, then a second run resumed from it redoes steps 3-4 exactly."""
+    distributed checkpoint at step 2, then a second run resumed from it redoes steps 3-4 exactly, with its
+    frozen roles sharded too (`frozen_roles: shard`) instead of a copy per rank."""
     fsdp2 = [
         "--config",
         str(ROOT / "configs" / "strategies" / "fsdp2.yaml"),
@@ -88,10 +90,10 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world16
     full_metrics = csv_metrics(full)
     assert_curves_match(full_metrics, single16[0])
 
-    launch(
-        torchrun(
-            "fit", "--config", str(strategy_config(world16, resumed, fsdp2=True)), *fsdp2, f"--ckpt_path={checkpoint}"
-        )
+    config = strategy_config(world16, resumed, fsdp2=True)
+    shard = "--trainer.strategy.frozen_roles=shard"
+    assert_frozen_roles_sharded(
+        launch(torchrun("fit", "--config", str(config), *fsdp2, shard, f"--ckpt_path={checkpoint}"))
     )
     resumed_metrics = csv_metrics(resumed)
     assert resumed_metrics["step"][0] == 2  # it went on from step 2

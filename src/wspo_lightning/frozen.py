@@ -42,9 +42,12 @@ class FrozenRoles:
         self.models[role] = model
 
     def place(self, device: torch.device | str) -> None:
-        """Move every float model to `device` (bitsandbytes weights stay where they were loaded)."""
+        """Move every float model to `device` (bitsandbytes weights stay where they were loaded, and FSDP2 keeps
+        sharded models' weights where it placed them)."""
+        from torch.distributed.fsdp import FSDPModule
+
         for model in self.models.values():
-            if not getattr(model, "is_quantized", False):
+            if not getattr(model, "is_quantized", False) and not isinstance(model, FSDPModule):
                 model.to(device)
 
     @torch.no_grad()

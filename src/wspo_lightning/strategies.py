@@ -3,7 +3,8 @@
 `FSDP2Strategy` is Lightning's `ModelParallelStrategy` with the data-parallel size defaulting to the
 world size (pure FSDP2, any number of nodes); `PreferenceModule.configure_model` calls `shard_policy`
 whenever the strategy sets a device mesh. A QLoRA policy (4-bit base, bitsandbytes) is sharded too: its packed
-weights are stored in a float dtype (`bnb_4bit_quant_storage`). Frozen roles are never sharded. YAML:
+weights are stored in a float dtype (`bnb_4bit_quant_storage`). Frozen roles are replicated on every rank unless
+`FSDP2Strategy(frozen_roles=...)` shards them (`shard_frozen`) or keeps their shards in CPU memory. YAML:
 configs/strategies/.
 """
 
@@ -31,6 +32,17 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 
+def data_parallel_mesh(device_mesh):
+    """The mesh's data-parallel dimension (the whole mesh when it names none); a tensor-parallel one is refused."""
+    if "tensor_parallel" in (device_mesh.mesh_dim_names or ()) and device_mesh["tensor_parallel"].size() > 1:
+        raise InputError(
+            "the policy is sharded with FSDP2 only (no tensor-parallel plan): set the strategy's "
+            "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
+            "or use wspo_lightning.strategies.FSDP2Strategy"
+        )
+    return device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+
+
 def shard_policy(
     model: nn.Module, device_mesh, precision: str | None = None, reshard_after_forward: bool = True
 ) -> nn.Module:
@@ -41,30 +53,67 @@ def shard_policy(
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if "tensor_parallel" in (device_mesh.mesh_dim_names or ()) and device_mesh["tensor_parallel"].size() > 1:
-        raise InputError(
-            "the policy is sharded with FSDP2 only (no tensor-parallel plan): set the strategy's "
-            "tensor_parallel_size: 1 and data_parallel_size to devices x num_nodes, "
-            "or use wspo_lightning.strategies.FSDP2Strategy"
-        )
-    mesh = device_mesh["data_parallel"] if "data_parallel" in (device_mesh.mesh_dim_names or ()) else device_mesh
+    mesh = data_parallel_mesh(device_mesh)
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if precision is not None and precision.startswith("bf16-mixed"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     packed = check_quantized_shardable(model, kwargs.get("mp_policy"))
-    classes = decoder_layer_classes(model)
-    if not classes:
-        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit", type(model).__name__)
-    layers = [m for m in model.modules() if type(m) in classes]
+    layers = decoder_layers(model)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     log.info(
         "FSDP2: sharded %d decoder layers (%s) over %d ranks%s",
         len(layers),
-        ", ".join(sorted(c.__name__ for c in classes)),
+        ", ".join(sorted({type(m).__name__ for m in layers})),
         mesh.size(),
         f", {packed} of their weights in 4-bit (bitsandbytes)" if packed else "",
+    )
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    classes = decoder_layer_classes(model)
+    if not classes:
+        log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit", type(model).__name__)
+    return [m for m in model.modules() if type(m) in classes]
+
+
+FrozenPlacement = Literal["replicate", "shard", "offload"]
+
+
+def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Module:
+    """`fully_shard` a frozen role (run without gradients) over the mesh's data-parallel ranks, so each rank holds
+    1/world of its weights instead of a copy. Units: each decoder layer, the input embeddings and an untied
+    lm_head (large with a large vocabulary), then the model; each is gathered for its own forward and freed after
+    it. With `offload` the shards live in CPU memory and each unit is copied to the device when it runs
+    (FSDP2's CPUOffloadPolicy). Its 4-bit weights (bitsandbytes) are sharded like the policy's."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+
+    mesh = data_parallel_mesh(device_mesh)
+    if check_quantized_shardable(model) and offload:
+        raise InputError(
+            "frozen_roles: offload cannot move bitsandbytes weights to CPU memory: use frozen_roles: shard for a "
+            "quantized frozen role (its 4-bit weights are sharded), or replicate"
+        )
+    kwargs = {"mesh": mesh, "reshard_after_forward": True}
+    if offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    units = decoder_layers(model) + [embeddings]
+    if head is not None and head.weight is not embeddings.weight:  # a tied lm_head is gathered with the root
+        units.append(head)
+    for unit in units:
+        fully_shard(unit, **kwargs)
+    fully_shard(model, **kwargs)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    log.info(
+        "FSDP2: a frozen %s sharded over %d ranks%s: %d of its %d weights on this rank",
+        type(model).__name__,
+        mesh.size(),
+        " (in CPU memory)" if offload else "",
+        local,
+        sum(p.numel() for p in model.parameters()),
     )
     return model
 
@@ -103,6 +152,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: each rank writes its shard (else rank 0 writes a full checkpoint).
         process_group_backend: "nccl", "gloo" (CPU); None picks by device.
         timeout: collective timeout.
+        frozen_roles: where the frozen roles (reference, weak pair) live: "replicate", a whole copy on every
+            device; "shard", 1/world of each on every device (`shard_frozen`), gathered one unit at a time for
+            their forwards; "offload", those shards in CPU memory, copied to the device unit by unit.
     """
 
     def __init__(
@@ -111,7 +163,10 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        frozen_roles: FrozenPlacement = "replicate",
     ) -> None:
+        if frozen_roles not in ("replicate", "shard", "offload"):
+            raise InputError(f"frozen_roles must be replicate, shard or offload, got {frozen_roles!r}")
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=1,
@@ -119,6 +174,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             process_group_backend=process_group_backend,
             timeout=timeout,
         )
+        self.frozen_roles = frozen_roles
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

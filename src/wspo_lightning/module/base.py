@@ -155,7 +155,15 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
             log.info("frozen values %s come from the cache %s", self.cache.values, self.cache_dir)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         live = self._live_roles()  # a reference without a spec comes from the policy (configure_model)
-        self.frozen.load({role: spec for role, spec in specs.items() if role in live and role != "policy"}, device)
+        frozen = {role: spec for role, spec in specs.items() if role in live and role != "policy"}
+        if self.frozen_placement != "replicate":  # float roles wait on the CPU to be sharded (configure_model)
+            self.frozen.load({role: spec for role, spec in frozen.items() if spec.quantization == "none"})
+        self.frozen.load(frozen, device)
+
+    @property
+    def frozen_placement(self) -> str:
+        """Where the strategy keeps frozen roles: "replicate" (a copy per device), "shard" or "offload" (FSDP2)."""
+        return getattr(self.trainer.strategy, "frozen_roles", "replicate") if self._trainer is not None else "replicate"
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -179,6 +187,11 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
             from wspo_lightning.strategies import shard_policy
 
             policy = shard_policy(policy, self.device_mesh, str(self.trainer.precision))
+            if self.frozen_placement != "replicate":
+                from wspo_lightning.strategies import shard_frozen
+
+                for role in self.frozen:
+                    shard_frozen(self.frozen[role], self.device_mesh, offload=self.frozen_placement == "offload")
         self.policy = policy
 
     def on_fit_start(self) -> None:  # a reference copied in configure_model is still on the CPU
