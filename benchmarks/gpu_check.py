@@ -17,6 +17,8 @@ the rest still run), all inside `--budget` seconds:
   step         benchmarks/wspo_step.py on that world: cached WSPO step over a bare policy step, the bare step's
                tokens/s and MFU, and the weak pair's peak memory in 4-bit over bf16
   cbs          benchmarks/cbs_speed.py: chunk-level beam search over plain sampling
+  packing      benchmarks/packing.py: packed over padded tokens/s on records of mixed lengths (policy step, frozen
+               forward)
 
 On CPU (`--dry-run`) every stage runs the same code on tiny models in float32, except FSDP1, which torch runs
 only on an accelerator: its row says so. The figures of a dry run only show that the path works.
@@ -41,7 +43,7 @@ sys.path.insert(0, str(HERE))  # wspo_step, as a sibling script
 
 import torch  # noqa: E402
 
-STAGES = ["build", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs"]
+STAGES = ["build", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs", "packing"]
 
 # Model and run sizes: a ~0.9B policy and 0.16B weak pair over a 32k vocabulary on a GPU; tiny ones on CPU.
 SIZES = {
@@ -57,7 +59,8 @@ SIZES = {
         repeats=3,
         memory_steps=2,
         cbs=["--hidden-size", "1024", "--layers", "8", "--prompts", "4", "--repeats", "2"],
-        timeouts=dict(build=75, fit_fsdp1=70, fit_fsdp2=60, qlora_fsdp2=60, step=110, cbs=45),
+        packing=["--hidden-size", "2048", "--layers", "16", "--vocab", "32000", "--batch", "16", "--dtype", "bfloat16"],
+        timeouts=dict(build=75, fit_fsdp1=70, fit_fsdp2=60, qlora_fsdp2=60, step=110, cbs=45, packing=50),
     ),
     "dry": dict(
         hidden_size=64,
@@ -71,7 +74,8 @@ SIZES = {
         repeats=1,
         memory_steps=1,
         cbs=["--hidden-size", "64", "--layers", "2", "--max-new-tokens", "8", "--repeats", "1", "-W", "2", "-K", "2"],
-        timeouts=dict(build=120, fit_fsdp1=60, fit_fsdp2=120, qlora_fsdp2=120, step=240, cbs=120),
+        packing=["--hidden-size", "64", "--layers", "2", "--vocab", "512", "--batches", "2", "--max-response", "64"],
+        timeouts=dict(build=120, fit_fsdp1=60, fit_fsdp2=120, qlora_fsdp2=120, step=240, cbs=120, packing=120),
     ),
 }
 
@@ -233,11 +237,12 @@ def stage_step(work: Path, size: argparse.Namespace) -> dict:
     return name_values(done.stdout)
 
 
-def stage_cbs(work: Path, size: argparse.Namespace) -> dict:
-    args = [*size.cbs, "--device", size.device, "--threads", str(size.threads or 0)]
-    done = subprocess.run([sys.executable, str(HERE / "cbs_speed.py"), *args], capture_output=True, text=True)
+def stage_script(script: str, args: list[str], size: argparse.Namespace) -> dict:
+    """A benchmark script's `name: value` figures."""
+    args = [*args, "--device", size.device, "--threads", str(size.threads or 0)]
+    done = subprocess.run([sys.executable, str(HERE / script), *args], capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "cbs_speed.py failed")
+        raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"{script} failed")
     return name_values(done.stdout)
 
 
@@ -255,7 +260,9 @@ def run_stage(name: str, work: Path, size: argparse.Namespace) -> dict:
     if name == "step":
         return stage_step(work, size)
     if name == "cbs":
-        return stage_cbs(work, size)
+        return stage_script("cbs_speed.py", size.cbs, size)
+    if name == "packing":
+        return stage_script("packing.py", size.packing, size)
     raise ValueError(f"unknown stage {name!r}: expected one of {STAGES}")
 
 
@@ -312,6 +319,9 @@ def table(results: dict[str, dict], dry_run: bool) -> str:
         f"| | model TFLOP/s | {cell(step, 'bare_tflops', '{:.3g}')} |",
         f"| | MFU | {cell(step, 'bare_mfu', '{:.1%}')} |",
         f"| chunk-level beam search | time over plain sampling | {cell(results.get('cbs'), 'cbs_over_sampling')} |",
+        f"| packing (`data.packing`), mixed lengths, sdpa | tokens/s packed over padded, policy step | "
+        f"{cell(results.get('packing'), 'packed_over_padded_step')} |",
+        f"| | the same, frozen forward | {cell(results.get('packing'), 'packed_over_padded_frozen')} |",
     ]
     return "\n".join(lines) + "\n"
 

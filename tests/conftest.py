@@ -34,10 +34,19 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def world16(tmp_path_factory):
     """A tiny world of 16 training and 8 validation records: one step of batch 16 is a whole epoch, so runs on
-    several ranks (each dealt its share by a distributed sampler) see the same records per step as one process."""
+    several ranks (each dealt its share by a distributed sampler) see the same records per step as one process.
+    Responses of mixed lengths (1, 1, 2 or 6 toy sentences), so packed rows (`data.packing`, as wide as a batch's
+    longest record) hold several records."""
+    from wspo_lightning.io import read_jsonl, write_jsonl
     from wspo_lightning.tiny import write_tiny_world
 
-    return write_tiny_world(tmp_path_factory.mktemp("world16"), n_train=16, n_val=8)
+    world = write_tiny_world(tmp_path_factory.mktemp("world16"), n_train=16, n_val=8)
+    for split in ("train", "val"):
+        records = read_jsonl(world / f"{split}.jsonl")
+        for i, r in enumerate(records):
+            r["chosen"], r["rejected"] = (" ".join([r[side]] * (1, 1, 2, 6)[i % 4]) for side in ("chosen", "rejected"))
+        write_jsonl(world / f"{split}.jsonl", records)
+    return world
 
 
 @pytest.fixture(scope="session")

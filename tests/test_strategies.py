@@ -33,7 +33,7 @@ from wspo_lightning.lightning_cli import precompute, run_cli
 
 @pytest.fixture(scope="module")
 def ddp_cache(world16, tmp_path_factory):
-    """`wspo precompute` on two processes: (config, cache folder)."""
+    """`wspo precompute` on two processes, its forwards packed (`data.packing`): (config, cache folder)."""
     out = tmp_path_factory.mktemp("ddp_cache")
     path, cache = strategy_config(world16, out), out / "cache"
     launch(
@@ -44,6 +44,7 @@ def ddp_cache(world16, tmp_path_factory):
             f"--model.init_args.cache_dir={cache}",
             "--trainer.devices=2",
             "--trainer.accelerator=cpu",
+            "--data.packing=true",
         )
     )
     return path, cache
@@ -52,7 +53,8 @@ def ddp_cache(world16, tmp_path_factory):
 def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_losses(
     world16, tmp_path, single16, ddp_cache
 ):
-    """The single-process run computes every frozen role live; the DDP run loads only the policy."""
+    """The single-process run computes every frozen role live on padded rows; the DDP run loads only the policy,
+    runs it on packed rows (`data.packing`) and looks the frozen values up in the cache (made packed too)."""
     out = tmp_path / "ddp"
     launch(
         wspo(
@@ -64,6 +66,7 @@ def test_ddp_on_two_processes_from_a_ddp_built_cache_gives_the_single_process_lo
             "--trainer.devices=2",
             "--trainer.strategy=ddp",
             f"--model.init_args.cache_dir={ddp_cache[1]}",
+            "--data.packing=true",
         )
     )
     assert_curves_match(csv_metrics(out), single16[0])
@@ -168,6 +171,7 @@ def test_fsdp2_trains_lora_adapters_like_one_process_and_exports_the_merged_poli
 
 
 def test_precompute_under_ddp_writes_a_shard_per_rank_with_the_single_process_values(ddp_cache, tmp_path):
+    """Packed forwards on two ranks, padded ones in one process: the same value per record and token."""
     path, two = ddp_cache
     manifest = json.loads((two / "manifest.json").read_text())
     assert manifest["splits"]["train"]["shards"] == [

@@ -97,12 +97,100 @@ def response_logps(
 
     The lm_head runs only from the batch's first response position on (`logits_to_keep`):
     with a large vocabulary that is most of the forward's cost. T' = L - first response position.
+    A model marked by `use_packing` runs the rows packed (`packed_response_logps`), same result and layout.
     """
+    if getattr(model, PACKING_FLAG, False):
+        return packed_response_logps(model, input_ids, attention_mask, labels)
     first = response_start(labels)
     keep = input_ids.shape[1] - first + 1
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False).logits
     targets = labels[:, first:]  # [B, T']
     return token_logps(logits[:, :-1], targets), targets != IGNORE_INDEX
+
+
+PACKING_FLAG = "wspo_packing"
+
+
+def use_packing(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make `response_logps` run `model` on packed rows (`data.packing: true`)."""
+    setattr(model, PACKING_FLAG, enabled)
+    return model
+
+
+def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in bins of at most `capacity` (first-fit, longest first): the packed rows."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def _keeps_2d_bool() -> bool:
+    """Whether this transformers slices hidden states by a 2D boolean `logits_to_keep` (5.x does)."""
+    import inspect
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return False
+    return "torch.bool" in inspect.getsource(slice_logits_to_keep)
+
+
+def packed_response_logps(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor
+) -> tuple[Tensor, Tensor]:
+    """`response_logps` on packed rows: the records of the right-padded batch concatenated into as few rows as
+    fit the batch's width (one row with flash attention, whose variable-length kernels need no block mask),
+    position ids restarting at 0 in each record, and no attention mask, so transformers keeps attention inside
+    each record (from the restarts of the position ids: a block-diagonal causal mask for sdpa and eager,
+    variable-length sequences for flash attention). The lm_head runs only at the positions that predict a
+    response token. Returns the padded path's layout: ([B, T'] float32, mask [B, T'] bool)."""
+    rows, width = input_ids.shape
+    first = response_start(labels)
+    lengths = attention_mask.sum(dim=1).tolist()  # real tokens lead each right-padded row
+    flash = str(getattr(getattr(model, "config", None), "_attn_implementation", "")).startswith("flash")
+    bins = first_fit(lengths, sum(lengths) if flash else width)
+    packed_width = max(sum(lengths[i] for i in b) for b in bins)
+    device = input_ids.device
+    source = torch.zeros((len(bins), packed_width), dtype=torch.long, device=device)  # into input_ids.flatten()
+    positions = torch.zeros_like(source)
+    destination = torch.full_like(source, -1)  # the predicted token's place in the flattened [B, T'] output
+    steps = torch.arange(packed_width, device=device)
+    is_response = labels != IGNORE_INDEX  # [B, L]
+    for r, b in enumerate(bins):
+        offset = 0
+        for i in b:
+            n = lengths[i]
+            source[r, offset : offset + n] = i * width + steps[:n]
+            positions[r, offset : offset + n] = steps[:n]
+            # position t - 1 of the record predicts its token t
+            predicted = is_response[i, 1:n].nonzero().squeeze(1) + 1  # [tokens]
+            destination[r, offset + predicted - 1] = i * (width - first) + predicted - first
+            offset += n
+        positions[r, offset:] = steps[: packed_width - offset]  # trailing pad: a segment of its own
+    keep = destination >= 0  # [R, W']
+    packed_ids = input_ids.flatten()[source]
+    if _keeps_2d_bool():
+        logits = model(input_ids=packed_ids, position_ids=positions, logits_to_keep=keep, use_cache=False).logits
+    else:  # one set of positions for all rows: their union, then the kept ones
+        columns = keep.any(dim=0).nonzero().squeeze(1)
+        out = model(input_ids=packed_ids, position_ids=positions, logits_to_keep=columns, use_cache=False).logits
+        logits = out[keep[:, columns]]
+    # logits: [K, V], K = response tokens of the batch, in the row-major order of `keep`
+    kept, span = destination[keep], width - first  # [K]; T'
+    targets = labels[kept // span, kept % span + first]  # [K]
+    picked = torch.cat(  # float32 upcasts of one padded row's size at a time, as token_logps does
+        [token_logps(part[None], target[None])[0] for part, target in zip(logits.split(span), targets.split(span))]
+    )
+    logps = torch.zeros(rows * span, dtype=torch.float32, device=device).index_put((kept,), picked)
+    return logps.view(rows, span), labels[:, first:] != IGNORE_INDEX
 
 
 def summed_logps(

@@ -22,7 +22,7 @@ from wspo_lightning.cache.fingerprint import data_features, describe
 from wspo_lightning.cache.store import FORMAT, VERSION, CacheWriter, clear_cache
 from wspo_lightning.data.tokenize import collate
 from wspo_lightning.frozen import FrozenRoles
-from wspo_lightning.logprobs import response_mask
+from wspo_lightning.logprobs import response_mask, use_packing
 from wspo_lightning.models import freeze, load_model
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,9 @@ class PrecomputeModule(pl.LightningModule):
     A LoRA policy without a reference model caches its base (adapters disabled) as the reference,
     exactly as `fit` computes it."""
 
-    def __init__(self, objective: Any, values: Sequence[str]) -> None:
+    def __init__(self, objective: Any, values: Sequence[str], packing: bool = False) -> None:
         super().__init__()
-        self.values = list(values)
+        self.values, self.packing = list(values), packing
         self.specs = objective.cache_roles(self.values)  # role -> ModelSpec
         self.policy_spec = objective.policy_spec
         self.lora_reference = "reference" in self.values and objective.reference_spec is None and objective.uses_lora
@@ -52,6 +52,8 @@ class PrecomputeModule(pl.LightningModule):
                 quantized = self.policy_spec.quantization != "none"
                 self.policy = freeze(load_model(self.policy_spec, trainable=True, device=device if quantized else None))
         self.frozen.load(specs, device)
+        for model in [*(self.frozen[role] for role in self.frozen), *([self.policy] if self.policy else [])]:
+            use_packing(model, self.packing)  # data.packing: the same values, without computing the padding
 
     def on_predict_start(self) -> None:
         self.frozen.place(self.device)
@@ -141,7 +143,8 @@ def build_cache(
     clear_cache(folder)
     trainer.callbacks.append(CacheWriter(folder, splits, manifest))
     start = time.perf_counter()
-    trainer.predict(PrecomputeModule(objective, values), dataloaders=loaders, return_predictions=False)
+    module = PrecomputeModule(objective, values, packing=getattr(datamodule, "packing", False))
+    trainer.predict(module, dataloaders=loaders, return_predictions=False)
     if trainer.is_global_zero:
         counts = ", ".join(f"{s}: {len(features[s])} records" for s in splits)
         log.info(

@@ -63,6 +63,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         seed: seed of the train/val split and of the training order (reproducible on resume).
         trust_remote_code: let the tokenizer run code from its repository.
         group_by_length: batch records of similar length (sorted within groups of 50 batches).
+        packing: run every forward on packed rows: a batch's records concatenated, position ids restarting in
+            each, attention kept inside each record (`logprobs.packed_response_logps`). Batches and results
+            are those of the padded path; the models skip the padding.
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         test_split: str | None = None,
         dataset_config: str | None = None,
         dataset_revision: str | None = None,
+        packing: bool = False,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -106,6 +110,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
         self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
         self.trust_remote_code, self.group_by_length = trust_remote_code, group_by_length
+        self.packing = packing  # read by the objectives and `wspo precompute`, which mark their models
         # split names within the data (not the "train" / "val" / "test" roles of `features`)
         self.dataset_splits = {"train": train_split, "val": val_split, "test": test_split}
         self.dataset_config, self.dataset_revision = dataset_config, dataset_revision

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from wspo_lightning.cache.store import LogpsCache
 from wspo_lightning.errors import InputError
 from wspo_lightning.frozen import FrozenRoles
+from wspo_lightning.logprobs import use_packing
 from wspo_lightning.metrics import ObjectiveMetrics
 from wspo_lightning.models import (
     ModelSpec,
@@ -192,6 +193,9 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
 
                 for role in self.frozen:
                     shard_frozen(self.frozen[role], self.device_mesh, offload=self.frozen_placement == "offload")
+        if self._trainer is not None and getattr(self.trainer.datamodule, "packing", False):
+            for model in [policy, *(self.frozen[role] for role in self.frozen)]:
+                use_packing(model)
         self.policy = policy
 
     def on_fit_start(self) -> None:  # a reference copied in configure_model is still on the CPU
