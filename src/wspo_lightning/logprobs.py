@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from wspo_lightning.errors import InputError
+
 IGNORE_INDEX = -100
 """Label of prompt and padding positions: no loss, no log-prob there."""
 
@@ -113,6 +115,14 @@ PACKING_FLAG = "wspo_packing"
 
 def use_packing(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Make `response_logps` run `model` on packed rows (`data.packing: true`)."""
+    if enabled:
+        try:  # what keeps packed records apart in sdpa and eager attention
+            from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "data.packing: this transformers builds no attention masks from packed position ids "
+                "(masking_utils.find_packed_sequence_indices): upgrade transformers, or set data.packing: false"
+            ) from None
     setattr(model, PACKING_FLAG, enabled)
     return model
 
