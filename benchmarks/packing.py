@@ -24,7 +24,6 @@ import argparse
 import functools
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -71,7 +70,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from wspo_step import write_model
+    from wspo_step import fastest, write_model
 
     from wspo_lightning.tiny import build_tokenizer
 
@@ -104,20 +103,7 @@ def main(argv=None) -> int:
         for work, runner in (("step", step), ("frozen", frozen_forward))
         for name, forward in (("padded", response_logps), ("packed", packed_response_logps))
     }
-    cuda = args.device != "cpu"
-    clock = time.process_time if torch.get_num_threads() == 1 and not cuda else time.perf_counter
-    best = dict.fromkeys(variants, float("inf"))
-    for fn in variants.values():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for key, fn in variants.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = clock()
-            fn()
-            if cuda:
-                torch.cuda.synchronize()
-            best[key] = min(best[key], clock() - start)
+    best = fastest(variants, args.repeats, args.device)
 
     tokens = sum(int(rows[1].sum()) for rows in batches)
     padded_tokens = sum(rows[1].numel() for rows in batches)

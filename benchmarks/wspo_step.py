@@ -269,21 +269,26 @@ def time_steps(work: Path, args) -> tuple[dict[str, float], dict]:
     if not args.skip_trl:
         steps["trl_dpo"] = trl_setup(work, batch, policy, precomputed=False)
         steps["trl_dpo_precomputed"] = trl_setup(work, batch, policy, precomputed=True)
-    cuda = args.device != "cpu"
+    return fastest(steps, args.repeats, args.device), batch
+
+
+def fastest(variants: dict, repeats: int, device: str = "cpu") -> dict:
+    """Fastest seconds of each variant (a function of no arguments) after a warm-up, run interleaved `repeats`
+    times: CPU time with one CPU thread, else wall-clock time (on a GPU between synchronisations)."""
+    cuda = device != "cpu"
     clock = time.process_time if torch.get_num_threads() == 1 and not cuda else time.perf_counter
-    best = {name: float("inf") for name in steps}
-    for step in steps.values():  # warm-up
-        step()
-    for _ in range(args.repeats):
-        for name, step in steps.items():
-            if cuda:
-                torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    best = dict.fromkeys(variants, float("inf"))
+    for run in variants.values():
+        run()
+    for _ in range(repeats):
+        for name, run in variants.items():
+            sync()
             start = clock()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
+            run()
+            sync()
             best[name] = min(best[name], clock() - start)
-    return best, batch
+    return best
 
 
 class Peak:
