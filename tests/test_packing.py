@@ -1,16 +1,20 @@
 """Padding-free packing (`data.packing: true`): packed forwards give each record's own log-probs, in the padded
-path's layout, with its gradients; a fit gives the padded losses, also resumed mid-run. (Under DDP, with the
-cache's lookup and in `wspo precompute`: tests/test_strategies.py.)"""
+path's layout, with its gradients; a fit gives the padded losses, also resumed mid-run; a weak pair of another
+tokenizer gives the padded mapped deltas. (Under DDP, with the cache's lookup and in `wspo precompute`:
+tests/test_strategies.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import by_step, fit, strategy_config
+from helpers import by_step, fit, strategy_config, tiny_config
 
 from wspo_lightning import logprobs
-from wspo_lightning.logprobs import first_fit, packed_response_logps, response_logps, right_pad
-from wspo_lightning.tiny import build_tiny_model, build_tokenizer
+from wspo_lightning.crossvocab.batch import has_weak_rows
+from wspo_lightning.lightning_cli import run_cli
+from wspo_lightning.logprobs import first_fit, packed_response_logps, response_logps, right_pad, use_packing
+from wspo_lightning.module.base import step_rows
+from wspo_lightning.tiny import build_tiny_model, build_tokenizer, write_tiny_model
 
 # (prompt, response) lengths of mixed sizes: the batch is 31 wide, and packs into 3 rows
 LENGTHS = [(3, 5), (10, 21), (2, 1), (7, 9), (15, 3), (4, 4)]
@@ -103,3 +107,30 @@ def test_a_packed_fit_gives_the_padded_losses_and_resumes_with_them(world16, tmp
     torch.testing.assert_close(
         torch.tensor([tail[s] for s in range(4, 8)]), torch.tensor([packed[s] for s in range(4, 8)])
     )
+
+
+def test_a_weak_pair_of_another_tokenizer_gives_the_padded_mapped_deltas_packed(world16, tmp_path, monkeypatch):
+    """Cross-tokenizer WSPO: the weak pair runs on its own rows; packed, the deltas mapped onto the policy's
+    tokens are the padded ones."""
+    world = tmp_path / "cross"
+    world.mkdir()
+    for name in ("policy", "train.jsonl", "val.jsonl"):
+        (world / name).symlink_to(world16 / name)
+    weak_tokenizer = build_tokenizer(shape="llama3", vocab_size=400)
+    for seed, role in ((1, "weak_base"), (2, "weak_aligned")):
+        write_tiny_model(world / role, "gpt2", seed=seed, num_layers=1, hidden_size=64, tokenizer=weak_tokenizer)
+    cli = run_cli(["--config", str(tiny_config(world, tmp_path / "run")), "--data.batch_size=8"], run=False)
+    cli.datamodule.setup("fit")
+    cli.model.check_tokenizers(cli.datamodule)
+    cli.model.frozen.load(cli.model.frozen_specs())
+    batch = next(iter(cli.datamodule.train_dataloader()))
+    assert has_weak_rows(batch)
+    sides, rows = step_rows(batch, pairs=True)
+    padded = cli.model.frozen.step_delta_weak(batch, sides, rows)
+    for role in cli.model.frozen:
+        use_packing(cli.model.frozen[role])
+    packed_rows = []
+    monkeypatch.setattr(logprobs, "first_fit", lambda *a: packed_rows.append(first_fit(*a)) or packed_rows[-1])
+    packed = cli.model.frozen.step_delta_weak(batch, sides, rows)
+    assert len(packed_rows) == 2 and sum(map(len, packed_rows)) < 2 * 16  # weak_base, weak_aligned: records shared rows
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-5)
