@@ -253,10 +253,10 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-12))
 
 
-def assert_frozen_roles_sharded(stderr: str, ranks: int = 2) -> None:
-    """Each frozen role (reference, weak_base, weak_aligned) logged, on each rank, the part of its weights that
-    rank holds: the parts add up to each model once."""
+def assert_frozen_roles_sharded(stderr: str, ranks: int = 2, roles: int = 3) -> None:
+    """Each frozen role (reference, weak_base, weak_aligned; no reference with LoRA) logged, on each rank, the
+    part of its weights that rank holds: the parts add up to each model once."""
     found = [tuple(map(int, m)) for m in re.findall(r"sharded over \d ranks.*?: (\d+) of its (\d+) weights", stderr)]
-    assert len(found) == 3 * ranks, stderr[-3000:]
+    assert len(found) == roles * ranks, stderr[-3000:]
     assert sum(local for local, _ in found) * ranks == sum(total for _, total in found)
     assert all(local < total for local, total in found)

@@ -163,7 +163,8 @@ def test_shared_tokenization_of_a_weak_pair_with_another_vocabulary_is_refused(t
 def test_ddp_on_two_processes_gives_the_single_process_losses(cross_world, tmp_path):
     """Two ranks x batch 8 take, at every step, the 16 records one process x batch 16 takes (the seeded
     sampler deals one permutation out), so the mean losses match; each rank builds its own weak side."""
-    from test_strategies import STEPS, assert_curves_match, config, csv_metrics, launch, wspo
+    from helpers import STEPS, assert_curves_match, csv_metrics, launch, wspo
+    from helpers import strategy_config as config
 
     single = run_cli(["fit", "--config", str(config(cross_world, tmp_path / "single")), *STEPS, "--data.batch_size=16"])
     assert single.datamodule.weak_renderer is not None

@@ -126,9 +126,10 @@ def merged_by_hand(start: dict[str, torch.Tensor], adapters: dict[str, torch.Ten
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 def test_fsdp2_trains_lora_adapters_like_one_process_and_exports_the_merged_policy(world16, tmp_path, quantization):
     """LoRA under FSDP2 (frozen base and trainable adapters in one sharded unit), over a float base or a 4-bit
-    NF4 one (QLoRA: the packed weights stored as float32, `bnb_4bit_quant_storage`, so FSDP2 shards them too):
-    the losses of one process, and HFExport gathers the shards and writes a plain float model, the start's
-    weights with the trained adapters folded in by hand (W + alpha/r * B @ A)."""
+    NF4 one (QLoRA: the packed weights stored as float32, `bnb_4bit_quant_storage`, so FSDP2 shards them too),
+    the weak pair sharded too (`frozen_roles: shard`): the losses of one process, and HFExport gathers the
+    shards and writes a plain float model, the start's weights with the trained adapters folded in by hand
+    (W + alpha/r * B @ A)."""
     if quantization == "4bit":
         pytest.importorskip("bitsandbytes")
     lora = [
@@ -155,8 +156,10 @@ def test_fsdp2_trains_lora_adapters_like_one_process_and_exports_the_merged_poli
             str(ROOT / "configs" / "strategies" / "fsdp2.yaml"),
             "--trainer.devices=2",
             "--data.batch_size=8",
+            "--trainer.strategy.frozen_roles=shard",
         )
     )
+    assert_frozen_roles_sharded(stderr, roles=2)  # the weak pair; the reference is the adapter-free policy
     assert "FSDP2: sharded 2 decoder layers (LlamaDecoderLayer) over 2 ranks" in stderr
     assert ("over 2 ranks, 14 of their weights in 4-bit (bitsandbytes)" in stderr) == (quantization == "4bit")  # 2 x 7
     assert_curves_match(csv_metrics(tmp_path / "fsdp2"), metrics(single), ["train/loss", "train/wspo/delta_strong"])

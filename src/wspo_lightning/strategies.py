@@ -59,13 +59,14 @@ def shard_policy(
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     packed = check_quantized_shardable(model, kwargs.get("mp_policy"))
     layers = decoder_layers(model)
+    names = ", ".join(sorted({type(m).__name__ for m in layers}))  # before fully_shard renames their classes
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     log.info(
         "FSDP2: sharded %d decoder layers (%s) over %d ranks%s",
         len(layers),
-        ", ".join(sorted({type(m).__name__ for m in layers})),
+        names,
         mesh.size(),
         f", {packed} of their weights in 4-bit (bitsandbytes)" if packed else "",
     )
@@ -87,18 +88,17 @@ def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Mod
     1/world of its weights instead of a copy. Units: each decoder layer, the input embeddings and an untied
     lm_head (large with a large vocabulary), then the model; each is gathered for its own forward and freed after
     it. With `offload` the shards live in CPU memory and each unit is copied to the device when it runs
-    (FSDP2's CPUOffloadPolicy). Its 4-bit weights (bitsandbytes) are sharded like the policy's."""
+    (FSDP2's CPUOffloadPolicy). A bitsandbytes-quantized role stays whole (a quarter of its bf16 size already)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = data_parallel_mesh(device_mesh)
-    if check_quantized_shardable(model) and offload:
-        raise InputError(
-            "frozen_roles: offload cannot move bitsandbytes weights to CPU memory: use frozen_roles: shard for a "
-            "quantized frozen role (its 4-bit weights are sharded), or replicate"
-        )
+    if getattr(model, "is_quantized", False):
+        log.info("FSDP2: a frozen %s in bitsandbytes precision stays whole on every rank", type(model).__name__)
+        return model
     kwargs = {"mesh": mesh, "reshard_after_forward": True}
     if offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
+    name = type(model).__name__
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     units = decoder_layers(model) + [embeddings]
     if head is not None and head.weight is not embeddings.weight:  # a tied lm_head is gathered with the root
@@ -109,7 +109,7 @@ def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Mod
     local = sum(p.to_local().numel() for p in model.parameters())
     log.info(
         "FSDP2: a frozen %s sharded over %d ranks%s: %d of its %d weights on this rank",
-        type(model).__name__,
+        name,
         mesh.size(),
         " (in CPU memory)" if offload else "",
         local,
@@ -124,6 +124,11 @@ def check_quantized_shardable(model: nn.Module, mp_policy=None) -> int:
     and bitsandbytes re-attaches its quantization state at each forward. FSDP2 must not cast them: under
     bf16-mixed their storage dtype must be bfloat16. 8-bit weights (int8) cannot be sharded."""
     quantized = [p for p in model.parameters() if type(p).__name__ in ("Params4bit", "Int8Params")]
+    for module in model.modules():
+        # bitsandbytes' CPU kernels repack a 4-bit weight in place at its first inference forward and mark its
+        # quantization state so; FSDP2 gathers the shards as stored at every forward, so no repacking
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     if any(type(p).__name__ == "Int8Params" for p in quantized):
         raise InputError(
             "an 8-bit (bitsandbytes) policy cannot be sharded with FSDP2: use quantization: 4bit (QLoRA), "
