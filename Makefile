@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export WANDB_MODE ?= offline
 
-.PHONY: setup lint test demo demo-quick
+.PHONY: setup lint test demo demo-quick demo-seeds
 setup:
 	scripts/setup.sh dev
 
@@ -20,3 +20,10 @@ demo:
 demo-quick:
 	scripts/setup.sh demo
 	.venv/bin/wspo demo --quick --out demo_out/quick
+
+# The spread over two more seeds (same held-out prompts): two more full runs, one thread each side by side.
+demo-seeds: demo
+	OMP_NUM_THREADS=1 .venv/bin/wspo demo --out demo_out/seed1 --settings.seed 1 > demo_out/seed1.log 2>&1 & one=$$!; \
+	OMP_NUM_THREADS=1 .venv/bin/wspo demo --out demo_out/seed2 --settings.seed 2 > demo_out/seed2.log 2>&1 & two=$$!; \
+	wait $$one && wait $$two
+	.venv/bin/wspo demo-spread demo_out demo_out/seed1 demo_out/seed2 --out demo_out/seeds.md
