@@ -70,6 +70,7 @@ TINY = DemoSettings(
     strong_epochs=1,
     gammas=[1.0, 2.0],
     batch_size=4,
+    wspo_cbs=True,
     val_fraction=0.2,
     val_checks=1,
 )

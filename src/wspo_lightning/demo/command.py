@@ -148,7 +148,7 @@ def run_demo(
 
     with timer("strong model"):
         strong_dir = Path(strong) if strong else strong_model_dir(cache_dir)
-    train, tuning, held_out = split_prompts(s.n_train_prompts, s.n_tuning_prompts, s.n_eval_prompts, seed=s.seed)
+    train, tuning, held_out = split_prompts(s.n_train_prompts, s.n_tuning_prompts, s.n_eval_prompts, seed=s.prompt_seed)
     train_prompts, eval_prompts = data / "prompts_train.jsonl", data / f"prompts_{s.eval_on}.jsonl"
     write_jsonl(train_prompts, train)
     write_jsonl(eval_prompts, held_out if s.eval_on == "heldout" else tuning)
@@ -256,8 +256,9 @@ def run_demo(
         n = s.cbs_beam_width * s.cbs_continuations
         rows.decoded(f"strong + best-of-{n}", "bon", strong_dir, baseline=SEARCH_BASE)
         rows.decoded("strong + CBS", "cbs", strong_dir, baseline=SEARCH_BASE)
-        first = f"wspo_gamma{gamma_slug(s.gammas[0])}"
-        rows.decoded(f"strong + WSPO (gamma={s.gammas[0]:g}) + CBS", "cbs", models / first, baseline=SEARCH_BASE)
+        if s.wspo_cbs:
+            first = f"wspo_gamma{gamma_slug(s.gammas[0])}"
+            rows.decoded(f"strong + WSPO (gamma={s.gammas[0]:g}) + CBS", "cbs", models / first, baseline=SEARCH_BASE)
 
     # 5. Evaluate: reward intervals, KL to the strong base, diversity, paired differences.
     with timer("evaluate"):

@@ -45,6 +45,7 @@ def fit_config(
     wandb_dir: Path,
     name: str,
     epochs: int,
+    batch_size: int,
 ) -> dict:
     """A fit of `objective` (WSPOModule, DPOModule, SFTModule) on the pairs, warm-up 10% then cosine decay."""
     return {
@@ -54,7 +55,7 @@ def fit_config(
         "data": {
             "train_path": str(pairs),
             "val_fraction": s.val_fraction,
-            "batch_size": s.batch_size,
+            "batch_size": batch_size,
             "max_length": 256,
             "seed": s.seed,
         },
@@ -77,7 +78,9 @@ def weak_dpo_config(
         "learning_rate": s.weak_dpo_learning_rate,
         "freeze_embeddings": False,
     }
-    return fit_config(s, precision, "DPOModule", model, pairs, run_dir, wandb_dir, "weak_dpo", s.weak_dpo_epochs)
+    return fit_config(
+        s, precision, "DPOModule", model, pairs, run_dir, wandb_dir, "weak_dpo", s.weak_dpo_epochs, s.batch_size
+    )
 
 
 def strong_config(
@@ -92,11 +95,13 @@ def strong_config(
     **model_args,
 ) -> dict:
     """A strong fit under the one rule of every strong fit: `strong_learning_rate`, `strong_epochs`,
-    embeddings frozen. WSPO trains on the chosen responses; DPO on both; SFT on the chosen."""
+    `strong_batch_size`, embeddings frozen. WSPO trains on the chosen responses; DPO on both; SFT on the chosen."""
     model = {"policy": spec(strong), "learning_rate": s.strong_learning_rate, "freeze_embeddings": True, **model_args}
     if objective == "DPOModule":
         model["beta"] = s.dpo_beta
-    return fit_config(s, precision, objective, model, pairs, run_dir, wandb_dir, name, s.strong_epochs)
+    return fit_config(
+        s, precision, objective, model, pairs, run_dir, wandb_dir, name, s.strong_epochs, s.strong_batch_size
+    )
 
 
 def wspo_args(weak_base: Path, weak_aligned: Path, gamma: float, cache_dir: Path | None) -> dict:

@@ -264,8 +264,9 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], pre
             "",
             "Every strong fit follows one rule: the same pairs, learning rate "
             f"{settings['strong_learning_rate']:g} with 10% warm-up then cosine decay, {settings['strong_epochs']} "
-            "epoch(s), embeddings frozen. WSPO and SFT train on the chosen responses, DPO on both; SFT asks whether "
-            "WSPO's gain is more than fine-tuning on positive text. The sign control is WSPO at gamma 1 with the weak "
+            f"epoch(s) at batch size {settings.get('strong_batch_size', settings['batch_size'])}, embeddings "
+            "frozen. WSPO and SFT train on the chosen responses, DPO on both; SFT asks whether WSPO's gain is "
+            "more than fine-tuning on positive text. The sign control is WSPO at gamma 1 with the weak "
             "pair swapped (delta_weak changes sign, the training text stays).",
             "",
             "## Plots",

@@ -14,7 +14,7 @@ from typing import Literal
 class DemoSettings:
     """Everything the demo pipeline needs beyond paths."""
 
-    n_train_prompts: int = 200
+    n_train_prompts: int = 160
     """Training prompts: the weak model's samples on them give the preference pairs."""
     n_eval_prompts: int = 40
     """Held-out prompts for the results table."""
@@ -32,12 +32,12 @@ class DemoSettings:
     """top_k of the samples the weak pair is made from (strong samples to distil, weak samples to pair):
     with all tokens (top_k 0) a 4-layer model writes word salad, and pairs get labelled on noise. Rows of the
     results table are sampled untempered (top_k 0, temperature 1), so their KL estimates are unbiased."""
-    distill_prompts: int = 200
+    distill_prompts: int = 160
     """Training prompts the strong model answers (once each) to teach the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
     last layer beside the first ones halves the distillation loss reached in the same steps."""
-    distill_epochs: int = 3
+    distill_epochs: int = 2
     """Passes over the strong samples."""
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
@@ -51,13 +51,16 @@ class DemoSettings:
     """DPO beta (the weak model and the strong DPO baseline)."""
     gammas: list[float] = field(default_factory=lambda: [1.0, 2.0])
     """WSPO alignment strengths, one strong model each."""
-    strong_epochs: int = 2
+    strong_epochs: int = 1
     """Epochs of every strong fit (WSPO, the sign control, DPO, SFT), on the same pairs."""
+    strong_batch_size: int = 4
+    """Batch size of every strong fit: at 4, one epoch of ~150 pairs is ~37 optimizer steps for the cost of
+    ~18 at batch 8 (the 135M forward and backward is most of the demo's time)."""
     strong_learning_rate: float = 3e-5
     """Peak learning rate of every strong fit: one rule for WSPO and its baselines (warm-up 10%, then cosine
     decay, embeddings frozen), so no baseline is handicapped by a smaller step."""
     batch_size: int = 8
-    """Training batch size of every fit."""
+    """Training batch size of the weak model's fits (distillation, DPO)."""
     val_fraction: float = 0.08
     """Share of the pairs held out for the validation curves (reward margins)."""
     val_checks: int = 1
@@ -80,26 +83,29 @@ class DemoSettings:
     """CBS: K, continuations sampled per beam and chunk; best-of-N draws N = W * K samples."""
     cbs_chunk_length: int = 8
     """CBS: L, tokens per chunk."""
+    wspo_cbs: bool = False
+    """Also CBS over the first WSPO model (does search add to training?): one more search row."""
     search_samples: int = 1
     """Searches (CBS, best-of-N) per evaluation prompt: each costs W * K samples."""
     precision: Literal["auto", "bf16", "float32"] = "auto"
     """Precision of every stage: auto is bfloat16 where the CPU runs it natively, float32 elsewhere."""
     seed: int = 0
-    """Seed of prompts, sampling, data order and training."""
+    """Seed of sampling, data order and training (`wspo demo-spread` compares runs that differ in it)."""
+    prompt_seed: int = 0
+    """Seed of the prompts and of their split: runs with another `seed` are judged on the same held-out
+    prompts, never on the tuning ones."""
 
 
 PRESETS = {
     "full": DemoSettings(),
     # The whole chain at a smoke-test size: minutes, not a significant result.
     "quick": DemoSettings(
-        n_train_prompts=64,
+        n_train_prompts=48,
         n_eval_prompts=16,
         n_tuning_prompts=0,
         max_new_tokens=24,
-        distill_prompts=64,
-        distill_epochs=2,
+        distill_prompts=48,
         weak_dpo_epochs=1,
-        strong_epochs=1,
         val_fraction=0.1,
         val_checks=1,
     ),
