@@ -41,8 +41,9 @@ DECODING_NOTE = (
 ONE_SEED = (
     "One run is one draw of the whole pipeline: the weak model's samples, its pairs, the training order and the "
     "evaluation samples all follow one seed. The intervals cover the evaluation prompts and responses, not the "
-    "variation from one pipeline to the next (a different weak pair can be a better or a worse teacher); the README "
-    "gives the spread over seeds."
+    "variation from one pipeline to the next (a different weak pair can be a better or a worse teacher). "
+    "`make demo-seeds` runs two more seeds on the same held-out prompts and `wspo demo-spread` tabulates the "
+    "spread; the README gives it."
 )
 
 
