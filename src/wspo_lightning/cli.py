@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": (
         "wspo_lightning.decoding.command:main",
-        "decode prompts: sampling, proxy/EFT sampling or chunk-level beam search with a weak pair",
+        "decode prompts: sampling, proxy/EFT sampling, chunk-level beam search or best-of-N with a weak pair",
     ),
     "tiny": ("wspo_lightning.tiny:main", "write tiny random models and toy data, for trying the CLI offline"),
     "demo": ("wspo_lightning.demo.command:main", "the CPU demo: weak-to-strong alignment of SmolLM2, end to end"),

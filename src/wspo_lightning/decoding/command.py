@@ -66,9 +66,9 @@ class GenerateConfig:
     response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs and bon),
     tokenizer_fingerprint (of the strong renderer), reward (if asked) and settings."""
     weak_base: ModelSpec | None = None
-    """Weak model before alignment (needed by proxy and cbs)."""
+    """Weak model before alignment (needed by proxy, cbs and bon)."""
     weak_aligned: ModelSpec | None = None
-    """Weak model after alignment (needed by proxy and cbs)."""
+    """Weak model after alignment (needed by proxy, cbs and bon)."""
     method: Literal["sample", "proxy", "cbs", "bon"] = "cbs"
     """sample: the strong model alone; proxy: logits shifted by alpha * weak log-ratio; cbs: chunk-level beam search;
     bon: best-of-N plain samples by the weak log-ratio."""

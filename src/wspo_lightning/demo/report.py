@@ -34,8 +34,7 @@ DECODING_NOTE = (
     "are compared with the strong base sampled the same way: best-of-N keeps the best of N = W x K samples by the "
     "weak log-ratio; chunk-level beam search keeps W={cbs_beam_width} beams, samples K={cbs_continuations} "
     "continuations of L={cbs_chunk_length} tokens from each, and keeps the W with the highest weak log-ratio summed "
-    "over the response so far. A selection has no tractable likelihood, so their KL is not estimated. The last row "
-    "runs the search over the WSPO model."
+    "over the response so far. A selection has no tractable likelihood, so their KL is not estimated."
 )
 
 ONE_SEED = (
@@ -299,7 +298,8 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], pre
                         "search_top_k",
                     )
                 }
-            ),
+            )
+            + (" The last row runs the search over the WSPO model." if settings.get("wspo_cbs") else ""),
             "",
             "## Example completions",
             "",
