@@ -14,7 +14,7 @@ from typing import Literal
 class DemoSettings:
     """Everything the demo pipeline needs beyond paths."""
 
-    n_train_prompts: int = 160
+    n_train_prompts: int = 144
     """Training prompts: the weak model's samples on them give the preference pairs."""
     n_eval_prompts: int = 40
     """Held-out prompts for the results table."""
@@ -24,7 +24,7 @@ class DemoSettings:
     """Which prompts the rows are evaluated on: the held-out ones (the results), or the tuning ones."""
     eval_samples: int = 2
     """Samples per evaluation prompt and sampled row."""
-    max_new_tokens: int = 48
+    max_new_tokens: int = 40
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
@@ -32,7 +32,7 @@ class DemoSettings:
     """top_k of the samples the weak pair is made from (strong samples to distil, weak samples to pair):
     with all tokens (top_k 0) a 4-layer model writes word salad, and pairs get labelled on noise. Rows of the
     results table are sampled untempered (top_k 0, temperature 1), so their KL estimates are unbiased."""
-    distill_prompts: int = 160
+    distill_prompts: int = 144
     """Training prompts the strong model answers (once each) to teach the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
@@ -43,7 +43,7 @@ class DemoSettings:
     """Peak learning rate of the distillation."""
     weak_samples: int = 4
     """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
-    weak_dpo_epochs: int = 3
+    weak_dpo_epochs: int = 2
     """DPO epochs of the weak model (all its parameters, tied embeddings and output layer included)."""
     weak_dpo_learning_rate: float = 2e-5
     """DPO learning rate of the weak model."""
@@ -54,8 +54,8 @@ class DemoSettings:
     strong_epochs: int = 1
     """Epochs of every strong fit (WSPO, the sign control, DPO, SFT), on the same pairs."""
     strong_batch_size: int = 4
-    """Batch size of every strong fit: at 4, one epoch of ~150 pairs is ~37 optimizer steps for the cost of
-    ~18 at batch 8 (the 135M forward and backward is most of the demo's time)."""
+    """Batch size of every strong fit: at 4, one epoch of ~130 pairs is ~33 optimizer steps for the cost of
+    ~16 at batch 8 (the 135M forward and backward is most of the demo's time)."""
     strong_learning_rate: float = 3e-5
     """Peak learning rate of every strong fit: one rule for WSPO and its baselines (warm-up 10%, then cosine
     decay, embeddings frozen), so no baseline is handicapped by a smaller step."""
