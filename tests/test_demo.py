@@ -225,6 +225,9 @@ def test_training_tuning_and_heldout_prompts_are_disjoint():
     train, tuning, held_out = split_prompts(256, 40, 60)
     assert (len(train), len(tuning), len(held_out)) == (256, 40, 60)
     assert len({r["prompt"] for r in train + tuning + held_out}) == 356
+    # more or fewer training prompts leave the held-out and tuning sets as they are
+    _, tuning_2, held_out_2 = split_prompts(100, 40, 60)
+    assert (tuning_2, held_out_2) == (tuning, held_out)
 
 
 def test_wspo_demo_command_passes_preset_and_overrides(monkeypatch, tmp_path):

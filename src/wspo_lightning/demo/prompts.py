@@ -105,6 +105,10 @@ def movie_prompts(n: int, seed: int = 0) -> list[dict]:
 
 def split_prompts(n_train: int, n_tuning: int, n_eval: int, seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
     """Disjoint training, tuning and held-out prompts: settings are chosen on the tuning prompts, and the
-    held-out ones serve only the results table (neither is ever trained on)."""
-    records = movie_prompts(n_train + n_tuning + n_eval, seed)
-    return records[:n_train], records[n_train : n_train + n_tuning], records[n_train + n_tuning :]
+    held-out ones serve only the results table (neither is ever trained on).
+
+    The held-out prompts come first and the tuning ones next, so neither set depends on how many training
+    prompts a run takes: changing `n_train` never moves a tuning prompt into the held-out set.
+    """
+    records = movie_prompts(n_eval + n_tuning + n_train, seed)
+    return records[n_eval + n_tuning :], records[n_eval : n_eval + n_tuning], records[:n_eval]
