@@ -160,18 +160,8 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    if arch == "llama":
-        config = LlamaConfig(
-            hidden_size=hidden_size,
-            intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            **common,
-        )
-    elif arch == "qwen2":
-        config = Qwen2Config(
+    if arch in ("llama", "qwen2"):  # the same decoder shape; Qwen2 adds biases to q, k and v
+        config = (LlamaConfig if arch == "llama" else Qwen2Config)(
             hidden_size=hidden_size,
             intermediate_size=2 * hidden_size,
             num_hidden_layers=num_layers,
