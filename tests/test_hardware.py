@@ -53,6 +53,9 @@ def test_other_processors_are_calibrated_and_the_environment_overrides(cpu):
     assert chosen.dtype == "float32" and hardware.ENV in chosen.reason
     cpu(AVX2_LAPTOP, env="bf16")
     assert hardware.choose_precision("cpu").dtype == "bfloat16"
+    cpu(AVX2_LAPTOP, env="fast")  # not a value: ignored, and the reason is the CPU, not the variable
+    chosen = hardware.choose_precision("cpu")
+    assert chosen.dtype == "float32" and hardware.ENV not in chosen.reason and "AMD EPYC" in chosen.reason
 
 
 def test_the_calibration_compares_real_matmuls():

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 ENV = "WSPO_CPU_PRECISION"
 
 
+# Values of WSPO_CPU_PRECISION (case-insensitive); any other value is ignored with a warning.
+FORCE_BF16, FORCE_FP32 = ("bf16", "bfloat16"), ("fp32", "float32", "32")
+
+
 def resolve_device(device: str | None = "auto") -> str:
     """ "auto" (or None) -> "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device in (None, "auto"):
@@ -53,9 +57,9 @@ def _calibrate(size: int = 384, repeats: int = 3) -> bool:
 def cpu_bf16_is_fast() -> bool:
     """Whether this CPU runs bfloat16 natively (see the module docstring); computed once per process."""
     forced = os.environ.get(ENV, "").strip().lower()
-    if forced in ("bf16", "bfloat16"):
+    if forced in FORCE_BF16:
         return True
-    if forced in ("fp32", "float32", "32"):
+    if forced in FORCE_FP32:
         return False
     if forced:
         log.warning("%s=%r is not one of bf16, float32: ignored", ENV, forced)
@@ -88,7 +92,9 @@ def choose_precision(device: str | None = "auto") -> Precision:
             return Precision("cuda", "bfloat16", "bf16-mixed", f"{torch.cuda.get_device_name()} supports bfloat16")
         return Precision("cuda", "float32", "32-true", f"{torch.cuda.get_device_name()} lacks bfloat16")
     cpu = _cpu_capabilities().get("cpu_name") or "this CPU"
-    forced = os.environ.get(ENV)
+    forced = os.environ.get(ENV, "").strip()
+    if forced.lower() not in FORCE_BF16 + FORCE_FP32:
+        forced = ""  # an unknown value is ignored (cpu_bf16_is_fast warns), so it is not the reason either
     if cpu_bf16_is_fast():
         why = f"{ENV}={forced}" if forced else f"{cpu} runs bfloat16 natively"
         return Precision("cpu", "bfloat16", "bf16-mixed", why)
@@ -96,19 +102,18 @@ def choose_precision(device: str | None = "auto") -> Precision:
     return Precision("cpu", "float32", "32-true", why)
 
 
-def warn_if_slow_bf16(accelerator: str, precision: str | None, dtypes: dict[str, str]) -> str | None:
-    """A warning (also returned) when CPU work asks for bfloat16 on a CPU without it: `precision` is the
-    trainer's, `dtypes` the ModelSpec dtype of each role."""
-    if accelerator != "cpu" or cpu_bf16_is_fast():
-        return None
+def warn_if_slow_bf16(precision: str | None, dtypes: dict[str, str]) -> None:
+    """Warn when CPU work asks for bfloat16 on a CPU without it: `precision` is the trainer's, `dtypes` the
+    ModelSpec dtype of each role."""
+    if cpu_bf16_is_fast():
+        return
     asked = [f"trainer.precision={precision}"] if precision and "bf16" in str(precision) else []
     asked += [f"{role}.dtype=bfloat16" for role, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked:
-        return None
+        return
     message = (
         f"{', '.join(asked)} on a CPU without native bfloat16: torch emulates it, 10-60x slower than "
         "float32. Use trainer.precision: 32-true and dtype: float32 here (or set "
         f"{ENV}=bf16 if you know better)."
     )
     log.warning(message)
-    return message

@@ -59,7 +59,7 @@ class WSPOLightningCLI(LightningCLI):
 
         if isinstance(trainer.accelerator, CPUAccelerator) and isinstance(self.model, PreferenceModule):
             specs = self.model.all_specs()
-            warn_if_slow_bf16("cpu", str(trainer.precision), {role: spec.dtype for role, spec in specs.items()})
+            warn_if_slow_bf16(str(trainer.precision), {role: spec.dtype for role, spec in specs.items()})
 
     def before_fit(self) -> None:
         self._check_checkpoint_arguments()

@@ -6,6 +6,7 @@ and `IGNORE_INDEX` on prompt and padding, so a mask of the response is `labels !
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -142,6 +143,7 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+@functools.cache  # reads the transformers source: once per process, not once per forward
 def _keeps_2d_bool() -> bool:
     """Whether this transformers slices hidden states by a 2D boolean `logits_to_keep` (5.x does)."""
     import inspect

@@ -48,6 +48,7 @@ import torch
 
 from wspo_lightning.commands import parse
 from wspo_lightning.errors import InputError
+from wspo_lightning.hardware import resolve_device
 from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.rewards import load_reward
@@ -186,7 +187,7 @@ def generate(config: GenerateConfig) -> list[dict]:
         if getattr(config, role) is not None:
             check_model_path(getattr(config, role), role)
     reward = load_reward(config.reward) if config.reward else None
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(config.device))
     decoder = Decoder(config, device)
     settings = config.settings()
     out = []

@@ -173,13 +173,15 @@ def teacher_topk(teacher: nn.Module, examples: list[dict], top_k: int, pad_id: i
             e["topk_ids"] = torch.zeros(len(e["input_ids"]), top_k, dtype=torch.int32)
             e["topk_logps"] = torch.zeros(len(e["input_ids"]), top_k, dtype=torch.float16)
         batch = _collate(chunk, pad_id)
-        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+        device = next(teacher.parameters()).device
+        ids_in, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = teacher(input_ids=ids_in, attention_mask=mask, use_cache=False).logits
         logps, ids = torch.log_softmax(logits.float(), dim=-1).topk(top_k, dim=-1)  # [B, L, k]
         for row, e in enumerate(chunk):
             n = len(e["input_ids"])
             # the logits at position t predict token t+1: shift right so row t holds the target for labels[t]
-            e["topk_ids"][1:n] = ids[row, : n - 1].to(torch.int32)
-            e["topk_logps"][1:n] = logps[row, : n - 1].to(torch.float16)
+            e["topk_ids"][1:n] = ids[row, : n - 1].to("cpu", torch.int32)
+            e["topk_logps"][1:n] = logps[row, : n - 1].to("cpu", torch.float16)
 
 
 def distill(
@@ -229,11 +231,11 @@ def distill(
     tokenizer = load_tokenizer(teacher)
     renderer = Renderer(tokenizer, use_chat_template, prompt_template, name=teacher.path)
     examples = _examples(renderer, records, samples, max_length)
-    chosen = choose_precision("cpu" if not torch.cuda.is_available() else "cuda")
+    chosen = choose_precision()  # the device the student trains on (Lightning's "auto"); the teacher runs there too
     if precision == "auto":
         precision = chosen.trainer_precision
     teacher_dtype = "bfloat16" if precision.startswith("bf16") else "float32"
-    frozen_teacher = load_model(replace(teacher, dtype=teacher_dtype), trainable=False)
+    frozen_teacher = load_model(replace(teacher, dtype=teacher_dtype), trainable=False, device=chosen.device)
     teacher_topk(frozen_teacher, examples, top_k, tokenizer.pad_token_id)
     del frozen_teacher
     student = truncate(load_model(replace(teacher, dtype="float32"), trainable=True), layers)
