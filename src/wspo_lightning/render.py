@@ -163,6 +163,13 @@ class Renderer:
             out.append(turn[: end + 1] if done else turn[:end])
         return out
 
+    @property
+    def pad_id(self) -> int:
+        """The id prompts are left-padded with: the tokenizer's pad, else the end-of-turn (padding is masked,
+        so any id of the vocabulary does)."""
+        pad = self.tokenizer.pad_token_id
+        return self.end_of_turn if pad is None else pad
+
     def stop_ids(self, model: Any = None) -> list[int]:
         """Ids that end a generated response: the end-of-turn, the model's generation-config eos ids
         (when a model is given) and the tokenizer's eos."""

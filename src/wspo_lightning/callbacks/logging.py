@@ -129,10 +129,9 @@ class SampleTable(pl.Callback):
 
     def _complete(self, pl_module: pl.LightningModule, datamodule: Any, prompts: list) -> list[dict]:
         renderer = datamodule.renderer
-        tokenizer = renderer.tokenizer
         policy = pl_module.policy
         stop = renderer.stop_ids(policy)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+        pad = renderer.pad_id
         prompt_ids = renderer.prompt_ids(prompts)
         input_ids, attention_mask = left_pad(prompt_ids, pad, pl_module.device)
         was_training = policy.training

@@ -193,8 +193,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         """`collate`'s padding ids: the policy's, and the weak pair's when it has its own tokenizer."""
         weak = None
         if self.weak_renderer is not None:  # padding is masked: any id of the weak vocabulary does
-            weak = self.weak_renderer.tokenizer.pad_token_id
-            weak = self.weak_renderer.end_of_turn if weak is None else weak
+            weak = self.weak_renderer.pad_id
         return {"pad_token_id": self.tokenizer.pad_token_id, "weak_pad_token_id": weak}
 
     def batch_of(

@@ -98,6 +98,7 @@ def chunk_beam_search(
     rescore_text: bool | None = None,
     reuse_cache: bool = True,
     trace: list[ChunkRecord] | None = None,
+    score_batch_size: int = 16,
 ) -> list[CBSResult]:
     """Run CBS over a batch of prompts; one `CBSResult` (the best beam) per prompt.
 
@@ -115,6 +116,7 @@ def chunk_beam_search(
         reuse_cache: False re-encodes every prefix each round and rescores from scratch (for checking and
             benchmarks; same results up to float rounding).
         trace: if a list, one `ChunkRecord` is appended per round.
+        score_batch_size: candidates the weak pair scores per forward when it rescores text.
     """
     check_search(beam_width, num_continuations, chunk_length)
     check_sampling(temperature, top_p, max_new_tokens, top_k)
@@ -129,7 +131,7 @@ def chunk_beam_search(
     search = _Search(
         strong,
         strong_renderer,
-        WeakPairScorer(weak_aligned, weak_base, weak_renderer),
+        WeakPairScorer(weak_aligned, weak_base, weak_renderer, batch_size=score_batch_size),
         prompts,
         beam_width,
         num_continuations,
@@ -170,7 +172,7 @@ class _Search:
         self.device = next(strong.parameters()).device
         eos = eos_ids(strong, renderer, eos_token_id)
         self.stopper = StopChecker(eos, self.tokenizer, stop_strings)
-        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+        self.pad = renderer.pad_id
         self.prompt_ids, self.prompt_mask = left_pad(renderer.prompt_ids(prompts), self.pad, self.device)
         self.weak_prompt_ids = scorer.prompt_ids(prompts)
 

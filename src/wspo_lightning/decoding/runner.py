@@ -84,6 +84,7 @@ class Decoder:
                 eos_token_id=self.stop_ids,
                 stop_strings=c.stop,
                 generator=self.generator,
+                score_batch_size=c.batch_size,
             )
             return [Generation(r.completion, r.token_ids, r.score, r.finished, None) for r in results]
         if c.method == "bon":
@@ -94,7 +95,7 @@ class Decoder:
         """`num_samples` responses per prompt (rows prompt * num_samples + i), with weak scores when there is a
         weak pair."""
         c = self.config
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.stop_ids[0]
+        pad = self.renderer.pad_id
         input_ids, attention_mask = left_pad(self.renderer.prompt_ids(prompts), pad, self.device)
         weak = (self.scorer.weak_aligned, self.scorer.weak_base) if c.method == "proxy" else (None, None)
         tokens, ended_at, logps = proxy_sample(

@@ -92,8 +92,7 @@ def reference_logps(
     model, renderer: Renderer, records: list[dict], batch_size: int = 16, desc: str = "reference"
 ) -> list[float]:
     """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its rendered prompt."""
-    pad = renderer.tokenizer.pad_token_id
-    pad = pad if pad is not None else renderer.end_of_turn
+    pad = renderer.pad_id
     out: list[float] = []
     chunk = batch_size * 8
     for first in tqdm(range(0, len(records), chunk), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):

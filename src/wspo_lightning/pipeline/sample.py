@@ -109,9 +109,8 @@ def generate(
 ) -> list[dict]:
     """One sampled response per prompt: `{response, response_ids, logp, num_tokens, finished,
     tokenizer_fingerprint}` (see the module docstring)."""
-    tokenizer = renderer.tokenizer
     stop = renderer.stop_ids(lm)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    pad = renderer.pad_id
     input_ids, attention_mask = left_pad(renderer.prompt_ids(prompts), pad, lm.device)
     out = lm.generate(
         input_ids=input_ids,
