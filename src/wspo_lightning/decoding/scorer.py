@@ -12,7 +12,7 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from wspo_lightning.decoding.sampling import KVState, as_renderer
-from wspo_lightning.logprobs import IGNORE_INDEX, left_pad, right_pad, token_logps
+from wspo_lightning.logprobs import IGNORE_INDEX, left_pad, summed_logps, token_logps
 from wspo_lightning.render import Prompt
 
 
@@ -53,28 +53,11 @@ class WeakPairScorer:
         return self.score_ids(self.prompt_ids(prompts), self.response_ids(prompts, responses, ended))
 
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[float]:
-        return [sum(row) for row in self.token_deltas(prompt_ids, response_ids)]
-
-    @torch.no_grad()
-    def token_deltas(
-        self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]
-    ) -> list[list[float]]:
-        """delta_weak(t) of every response token, by full forward passes in batches (no cache)."""
-        out: list[list[float]] = []
-        for start in range(0, len(prompt_ids), self.batch_size):
-            prompts = prompt_ids[start : start + self.batch_size]
-            responses = response_ids[start : start + self.batch_size]
-            ids, mask, labels = (t.to(self.device) for t in right_pad(prompts, responses, 0))
-            delta = self._logps(self.weak_aligned, ids, mask, labels) - self._logps(self.weak_base, ids, mask, labels)
-            for i, (p, r) in enumerate(zip(prompts, responses)):
-                out.append(delta[i, len(p) - 1 : len(p) - 1 + len(r)].tolist())
-        return out
-
-    @staticmethod
-    def _logps(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-        position_ids = torch.arange(ids.shape[1], device=ids.device)[None].expand_as(ids)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-        return token_logps(logits[:, :-1], labels[:, 1:])  # [rows, tokens - 1]
+        """reward_weak of each (prompt ids, response ids): the weak pair's summed log-ratio, full forwards."""
+        pad = self.renderer.pad_id
+        aligned = summed_logps(self.weak_aligned, prompt_ids, response_ids, pad, self.batch_size)
+        base = summed_logps(self.weak_base, prompt_ids, response_ids, pad, self.batch_size)
+        return [a - b for a, b in zip(aligned, base)]
 
     def start(self, prompt_ids: Sequence[Sequence[int]]) -> WeakPairState:
         """Incremental scoring state for one row per prompt (empty responses)."""
