@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from wspo_lightning import cli as wspo_cli
 from wspo_lightning.cache import LogpsCache
+from wspo_lightning.cache.swap import swap_weak_pair
 from wspo_lightning.errors import InputError
 from wspo_lightning.lightning_cli import precompute_main, run_cli
 from wspo_lightning.logprobs import response_logps
@@ -144,6 +145,48 @@ def test_a_cache_is_refused_when_a_loading_option_changes(cached):
     config, cache = cached
     with pytest.raises(InputError, match=r"weak_base\.quantization='none', now '8bit'"):
         open_cache(config, cache, "--model.weak_base.quantization=8bit")
+
+
+def test_a_swapped_weak_pair_cache_equals_precompute_of_the_swapped_config(cached, tiny_world, tmp_path):
+    """`swap_weak_pair` (the sign control's cache, no forward pass) against `wspo precompute` run with the
+    weak pair swapped: the same values, and fit accepts it only for the swapped pair."""
+    config, cache = cached
+    swap = [
+        f"--model.weak_base.path={tiny_world / 'weak_aligned'}",
+        f"--model.weak_aligned.path={tiny_world / 'weak_base'}",
+    ]
+    computed = tmp_path / "computed"
+    assert precompute_main(["--config", str(config), *swap, f"--model.init_args.cache_dir={computed}"]) == 0
+    derived = swap_weak_pair(cache, tmp_path / "derived", command="wspo precompute ... (swapped)")
+
+    manifests = [json.loads((c / "manifest.json").read_text()) for c in (computed, derived)]
+    for key in ("values", "models", "data", "splits"):
+        assert manifests[0][key] == manifests[1][key], key
+    assert manifests[1]["command"] == "wspo precompute ... (swapped)"
+    for split in manifests[0]["splits"].values():
+        for name in split["shards"]:
+            want, got = load_file(str(computed / name)), load_file(str(derived / name))
+            assert want.keys() == got.keys()
+            for key in want:
+                torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+            assert not torch.equal(got["chosen.delta_weak"], load_file(str(cache / name))["chosen.delta_weak"])
+    assert open_cache(config, derived, *swap).has("train")
+    with pytest.raises(InputError, match="weak_base changed since the cache was made"):
+        open_cache(config, derived)  # the pair in order: refused
+
+
+def test_swapping_needs_a_cache_with_a_weak_pair(cached, tmp_path):
+    config, cache = cached
+    dpo = tmp_path / "dpo_cache"
+    assert (
+        precompute_main(
+            ["--config", str(config), "--model=wspo_lightning.module.DPOModule", f"--model.init_args.cache_dir={dpo}"]
+        )
+        == 0
+    )
+    with pytest.raises(InputError, match="no weak pair to swap"):
+        swap_weak_pair(dpo, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_fit_without_a_cache_at_cache_dir_says_how_to_build_one(tiny_world, tmp_path):

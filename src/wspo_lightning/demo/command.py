@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from wspo_lightning.cache.swap import swap_weak_pair
 from wspo_lightning.demo.fits import gamma_slug, strong_config, weak_dpo_config, wspo_args
 from wspo_lightning.demo.prompts import split_prompts
 from wspo_lightning.demo.rows import STRONG_BASE, Rows
@@ -92,20 +93,24 @@ def resolve_precision(s: DemoSettings) -> Precision:
 
 def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> None:
     """`wspo precompute` for a fit config into `cache`, skipped when it exists (written aside, renamed when whole)."""
-    import yaml
-
     from wspo_lightning.lightning_cli import precompute
 
     if done("precompute", cache, force):
         return
+    command = write_precompute_config(config, run_dir, cache)
+    path = run_dir / "precompute.yaml"
+    with atomic_path(cache) as tmp:
+        precompute(["--config", str(path), f"--model.init_args.cache_dir={tmp}"], command=command)
+
+
+def write_precompute_config(config: dict, run_dir: Path, cache: Path) -> str:
+    """Save `config` as `run_dir/precompute.yaml`; return the `wspo precompute` command that builds `cache`."""
+    import yaml
+
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "precompute.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    with atomic_path(cache) as tmp:
-        precompute(
-            ["--config", str(path), f"--model.init_args.cache_dir={tmp}"],
-            command=f"wspo precompute --config {path} --model.init_args.cache_dir {cache}",
-        )
+    return f"wspo precompute --config {path} --model.init_args.cache_dir {cache}"
 
 
 def run_demo(
@@ -215,25 +220,33 @@ def run_demo(
             )
             return fit(config, str(models / name), str(runs / name), force=force)
 
+    def frozen_cache(name: str, pair: tuple[Path, Path]) -> Path:
+        """The frozen roles' cache of WSPO with `pair`: the weak pair swapped (the sign control) is the cache
+        of the pair in order with delta_weak negated, derived without a forward pass (`cache.swap`)."""
+        config = strong_config(
+            s,
+            p.trainer_precision,
+            "WSPOModule",
+            strong_dir,
+            pairs_file,
+            runs / f"{name}_precompute",
+            root,
+            name,
+            **wspo_args(*pair, 1.0, None),
+        )
+        if pair == (weak_base, weak_aligned):
+            precompute_stage(config, data / "wspo_frozen_cache", runs / f"{name}_precompute", force)
+            return data / "wspo_frozen_cache"
+        cache = data / f"{name}_frozen_cache"
+        if not done("precompute", cache, force):
+            in_order = frozen_cache(name.replace("_sign_control", "") + "_in_order", (weak_base, weak_aligned))
+            command = write_precompute_config(config, runs / f"{name}_precompute", cache)
+            swap_weak_pair(in_order, cache, command=command)
+        return cache
+
     def wspo(gamma: float, name: str, pair: tuple[Path, Path] = (weak_base, weak_aligned)) -> None:
-        cache = data / f"{name}_frozen_cache" if name.endswith("sign_control") else data / "wspo_frozen_cache"
         with timer(f"strong {name}: precompute frozen roles"):
-            precompute_stage(
-                strong_config(
-                    s,
-                    p.trainer_precision,
-                    "WSPOModule",
-                    strong_dir,
-                    pairs_file,
-                    runs / f"{name}_precompute",
-                    root,
-                    name,
-                    **wspo_args(*pair, gamma, None),
-                ),
-                cache,
-                runs / f"{name}_precompute",
-                force,
-            )
+            cache = frozen_cache(name, pair)
         strong_fit("WSPOModule", name, **wspo_args(*pair, gamma, cache))
 
     for gamma in s.gammas:
