@@ -70,6 +70,7 @@ TINY = DemoSettings(
     strong_epochs=1,
     gammas=[1.0, 2.0],
     batch_size=4,
+    proxy_row=True,
     wspo_cbs=True,
     val_fraction=0.2,
     val_checks=1,
@@ -145,7 +146,9 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
         low, high = row["gold_reward_ci"]
         assert low <= row["gold_reward_mean"] <= high
         assert row["baseline"] == ("strong base (search sampler)" if row["name"] in SEARCH_ROWS else "strong base")
-        assert (row["kl"] is None) == (row["name"] in SEARCH_ROWS)  # a selection has no likelihood
+        # a selection has no likelihood; the weak models' KL to the strong base is not estimated
+        assert (row["kl"] is None) == (row["name"] in SEARCH_ROWS or row["name"].startswith("weak"))
+    assert sorted(p.name for p in (out / "results_logps").glob("*.jsonl")) == [f"{i:02d}.jsonl" for i in range(2, 10)]
     strong_base = results[2]
     assert abs(strong_base["kl"]) < 1e-2 and strong_base["diff_vs_baseline"] == 0.0
     # a row's KL: its sampler's log-likelihoods minus the strong base's, averaged over its samples
@@ -157,7 +160,8 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
     assert results[9]["kl"] > 0  # temperature 0.7 and top-k 50 move the sampler away from the model
     report = (out / "report.md").read_text()
     assert "| strong + WSPO (gamma=2) |" in report and "amplif" in report and "sign control" in report
-    assert "| strong + CBS |" in report and "n/a (selection)" in report
+    assert "| strong + CBS |" in report and "n/a (selection)" in report and "| weak base |" in report
+    assert report.count("n/a (other model)") == 2
     assert "Precision of every stage:" in report and "What one seed can show" in report
 
 

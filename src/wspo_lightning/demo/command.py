@@ -186,7 +186,7 @@ def run_demo(
             log_dir=str(runs / "distill"),
             force=force,
         )
-    rows.sampled("weak base", weak_base)
+    rows.sampled("weak base", weak_base, kl=False)
 
     # 2. Weak aligned: DPO on pairs of weak samples labelled by the gold reward.
     with timer("weak aligned: samples, reward, pairs"):
@@ -208,7 +208,7 @@ def run_demo(
             str(runs / "weak_dpo"),
             force=force,
         )
-    rows.sampled("weak aligned", weak_aligned)
+    rows.sampled("weak aligned", weak_aligned, kl=False)
     rows.sampled(STRONG_BASE, strong_dir)
 
     # 3. Strong: WSPO per gamma on the chosen responses. The frozen roles' values (reference log-probs,
@@ -264,7 +264,8 @@ def run_demo(
 
     # 4. Test-time weak-to-strong decoding with the same weak pair: no training of the strong model.
     if s.decoding_rows:
-        rows.decoded(f"strong + proxy (alpha={s.proxy_alpha:g})", "proxy", strong_dir)
+        if s.proxy_row:
+            rows.decoded(f"strong + proxy (alpha={s.proxy_alpha:g})", "proxy", strong_dir)
         rows.decoded(SEARCH_BASE, "sample", strong_dir)
         n = s.cbs_beam_width * s.cbs_continuations
         rows.decoded(f"strong + best-of-{n}", "bon", strong_dir, baseline=SEARCH_BASE)

@@ -50,8 +50,10 @@ def _fmt_ci(ci: list[float]) -> str:
     return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
-def _fmt_kl(kl: float | None) -> str:
-    return "n/a (selection)" if kl is None else f"{kl:.2f}"
+def _fmt_kl(row: dict) -> str:
+    if row["kl"] is not None:
+        return f"{row['kl']:.2f}"
+    return "n/a (other model)" if row.get("kl_skipped") == "another model" else "n/a (selection)"
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -65,7 +67,7 @@ def markdown_table(results: list[dict]) -> str:
         word, share = r.get("top_word", ["", 0.0])
         lines.append(
             f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
-            f"| {r.get('baseline') or ''} | {_fmt_kl(r['kl'])} | {r['mean_length']:.1f} "
+            f"| {r.get('baseline') or ''} | {_fmt_kl(r)} | {r['mean_length']:.1f} "
             f"| {r.get('distinct_2', float('nan')):.2f} | {word} ({share:.0%}) | {r['n']} |"
         )
     return "\n".join(lines)
@@ -242,8 +244,9 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], pre
             f"per prompt), up to {settings['max_new_tokens']} new tokens. Sampled rows are untempered (temperature "
             "1, all tokens), so their KL estimates are unbiased.",
             "KL is the mean of log q_row(y|x) - log pi_strong_base(y|x) over the row's samples, q_row being the "
-            "distribution each response was drawn from (nats per response). Intervals are bootstrap 95% over "
-            "prompts; 'vs its baseline' is the paired difference per prompt.",
+            "distribution each response was drawn from (nats per response); the weak models are other models than "
+            "the strong base, so theirs is not estimated. Intervals are bootstrap 95% over prompts; 'vs its "
+            "baseline' is the paired difference per prompt.",
             f"Precision of every stage: {precision.dtype} weights, trainer precision {precision.trainer_precision} "
             f"({precision.reason}).",
             "",

@@ -54,8 +54,9 @@ class Rows:
         slug = f"{len(self.rows):02d}_" + "".join(c if c.isalnum() else "_" for c in name).strip("_")
         return self.folder / f"{slug}.jsonl", self.folder / f"{slug}.scored.jsonl"
 
-    def sampled(self, name: str, model: Path) -> None:
-        """Plain samples, untempered (temperature 1, all tokens): the sampler whose likelihood the KL uses."""
+    def sampled(self, name: str, model: Path, kl: bool = True) -> None:
+        """Plain samples, untempered (temperature 1, all tokens): the sampler whose likelihood the KL uses
+        (`kl=False`: no KL for this row, see `EvalRow.kl`)."""
         raw, scored = self._files(name)
         with self.timer(f"eval samples: {name}"):
             sample(
@@ -69,7 +70,7 @@ class Rows:
                 force=self.force,
             )
             score(str(raw), str(scored), reward=self.reward, force=self.force)
-        self.rows.append(EvalRow(name, str(scored)))
+        self.rows.append(EvalRow(name, str(scored), kl=kl))
 
     def decoded(self, name: str, method: str, strong: Path, baseline: str | None = None) -> None:
         """`wspo generate` with `method` (proxy: untempered; sample, bon, cbs: the search's sampler), steered

@@ -49,8 +49,9 @@ class DemoSettings:
     """DPO learning rate of the weak model."""
     dpo_beta: float = 0.1
     """DPO beta (the weak model and the strong DPO baseline)."""
-    gammas: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    """WSPO alignment strengths, one strong model each."""
+    gammas: list[float] = field(default_factory=lambda: [2.0])
+    """WSPO alignment strengths, one strong model each. `[1, 2]` adds gamma 1 (about 1.5 more minutes; it
+    lifts less at a third of the KL, see the README)."""
     strong_epochs: int = 1
     """Epochs of every strong fit (WSPO, the sign control, DPO, SFT), on the same pairs."""
     strong_batch_size: int = 4
@@ -69,8 +70,11 @@ class DemoSettings:
     """Also train and evaluate the strong baselines: DPO and SFT on the same pairs, and the sign control
     (WSPO at gamma 1 with the weak pair swapped)."""
     decoding_rows: bool = True
-    """Also evaluate test-time weak-to-strong decoding: strong + proxy; and, with the search's own sampler,
-    the strong base, best-of-N, CBS and CBS over the WSPO model."""
+    """Also evaluate test-time weak-to-strong decoding with the search's own sampler: the strong base,
+    best-of-N and CBS (and, opt-in, proxy sampling and CBS over the WSPO model)."""
+    proxy_row: bool = False
+    """Also evaluate proxy / EFT sampling (strong logits + proxy_alpha x the weak log-ratio) among the decoding
+    rows: one more row, about a minute."""
     proxy_alpha: float = 1.0
     """Proxy / EFT sampling: weight of the weak log-ratio added to the strong logits."""
     search_temperature: float = 0.7

@@ -46,6 +46,9 @@ class EvalRow:
     baseline: str | None = None
     """Name of the row this one's paired difference is taken against (None: evaluate's `baseline`), e.g.
     a strong base sampled as this row's sampler samples."""
+    kl: bool = True
+    """Estimate KL to the reference. False for a row sampled by another model than a tuned copy of the
+    reference (the demo's weak models): its KL measures no alignment, and skipping it saves a reference pass."""
 
 
 def bootstrap_ci(
@@ -120,13 +123,19 @@ def paired_difference(
 
 
 def row_stats(
-    name: str, records: list[dict], baseline: list[dict] | None, n_boot: int, seed: int, num_examples: int = 3
+    name: str,
+    records: list[dict],
+    baseline: list[dict] | None,
+    n_boot: int,
+    seed: int,
+    num_examples: int = 3,
+    estimate_kl: bool = True,
 ) -> dict:
     """The numbers of one row (see the module docstring)."""
     rewards = _by_prompt(records, "reward")
     texts = [r["response"] for r in records]
     kl = kl_ci = None  # a search (CBS) has no likelihood to estimate KL with
-    if has_likelihood(records):
+    if estimate_kl and has_likelihood(records):
         per_record = [{"id": r["id"], "kl": r["logp"] - r["ref_logp"]} for r in records]
         kl = float(np.mean([r["kl"] for r in per_record]))
         kl_ci = list(bootstrap_ci(list(_by_prompt(per_record, "kl").values()), n_boot, seed))
@@ -136,6 +145,7 @@ def row_stats(
         "gold_reward_ci": list(bootstrap_ci(list(rewards.values()), n_boot, seed)),
         "kl": kl,
         "kl_ci": kl_ci,
+        "kl_skipped": None if kl is not None else ("another model" if not estimate_kl else "no likelihood"),
         "mean_length": float(np.mean([r["num_tokens"] for r in records])),
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
@@ -204,7 +214,7 @@ def evaluate(
     model = renderer = None
     for i, row in enumerate(rows):
         cache = cache_dir / f"{i:02d}.jsonl"
-        if not has_likelihood(data[row.name]):
+        if not row.kl or not has_likelihood(data[row.name]):
             continue
         cached = read_jsonl(cache) if cache.exists() and not force else None
         if cached is None or len(cached) != len(data[row.name]) or cached[0].get("name") != row.name:
@@ -218,7 +228,7 @@ def evaluate(
         for record, c in zip(data[row.name], cached):
             record["ref_logp"] = c["ref_logp"]
     results = [
-        row_stats(r.name, data[r.name], data.get(r.baseline or baseline), n_boot, seed, num_examples)
+        row_stats(r.name, data[r.name], data.get(r.baseline or baseline), n_boot, seed, num_examples, r.kl)
         | {"baseline": r.baseline or baseline}
         for r in rows
     ]
