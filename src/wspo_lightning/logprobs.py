@@ -49,6 +49,14 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
     return ids.to(device), mask.to(device)
 
 
+def cut_at_stop(tokens: Tensor, stop: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """For generated tokens [rows, new]: `keep` [rows, new], True up to and including each row's first stop id
+    (generate pads after it), and `finished` [rows], whether the row has one (False: cut by max_new_tokens)."""
+    is_stop = torch.isin(tokens, torch.tensor(list(stop), device=tokens.device))
+    keep = (is_stop.int().cumsum(dim=1) - is_stop.int()) == 0
+    return keep, is_stop.any(dim=1)
+
+
 def token_logps(logits: Tensor, labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """Per-token log-probabilities of the labels, in float32.
 

@@ -15,7 +15,7 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from wspo_lightning.logprobs import left_pad
+from wspo_lightning.logprobs import cut_at_stop, left_pad
 from wspo_lightning.render import plain_text
 
 
@@ -147,10 +147,9 @@ class SampleTable(pl.Callback):
         policy.train(was_training)
         width = input_ids.shape[1]
         completion_ids = generated[:, width:]  # [B, new]
-        is_stop = torch.isin(completion_ids, torch.tensor(stop, device=completion_ids.device))
-        after_stop = (is_stop.int().cumsum(dim=1) - is_stop.int()) > 0  # generate pads there
-        finished = is_stop.any(dim=1).tolist()
-        responses = [row[~cut].tolist() for row, cut in zip(completion_ids, after_stop)]
+        keep, finished = cut_at_stop(completion_ids, stop)
+        finished = finished.tolist()
+        responses = [row[kept].tolist() for row, kept in zip(completion_ids, keep)]
         completions = [renderer.decode(ids) for ids in responses]
         rewards = [None] * len(prompts)
         if hasattr(pl_module, "weak_reward"):  # the completions as training records: rendered, batched, scored alike

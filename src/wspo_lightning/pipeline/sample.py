@@ -20,7 +20,7 @@ from wspo_lightning.commands import run_function
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
 from wspo_lightning.io import read_jsonl, write_jsonl
-from wspo_lightning.logprobs import left_pad
+from wspo_lightning.logprobs import cut_at_stop, left_pad
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
 from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
@@ -128,8 +128,7 @@ def generate(
     tokens = out.sequences[:, input_ids.shape[1] :]  # [batch, new]
     scores = torch.stack(out.scores, dim=1).float()  # [batch, new, vocab]: what the draw was made from
     token_logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [batch, new]
-    is_stop = torch.isin(tokens, torch.tensor(stop, device=tokens.device))
-    keep = (is_stop.int().cumsum(dim=1) - is_stop.int()) == 0  # up to and including the first stop id
+    keep, finished = cut_at_stop(tokens, stop)
     results = []
     for row in range(tokens.shape[0]):
         ids = tokens[row][keep[row]].tolist()
@@ -139,7 +138,7 @@ def generate(
                 "response_ids": ids,
                 "logp": float(token_logps[row][keep[row]].sum()),
                 "num_tokens": len(ids),
-                "finished": bool(is_stop[row].any()),
+                "finished": bool(finished[row]),
                 "tokenizer_fingerprint": renderer.fingerprint,
             }
         )
