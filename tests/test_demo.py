@@ -270,3 +270,11 @@ def test_report_states_gain_and_amplification_honestly_either_way(tmp_path):
     assert "**strong + WSPO (gamma=1)** beats the strong base: +0.350" in text
     assert "does not amplify: it is below the weak aligned model (-0.150" in text
     assert "amplifies: it beats the weak aligned model (+0.150" in text
+    assert "Best WSPO row within 5 nats of KL: **strong + WSPO (gamma=2)**, +0.650" in text  # KL 0.5 each
+
+    # every WSPO row past the KL bound: said so, naming the closest
+    for r in results:
+        r["kl"] = {"strong + WSPO (gamma=1)": 5.5, "strong + WSPO (gamma=2)": 7.0}.get(r["name"], r["kl"])
+    text = "\n".join(verdicts(results, rows))
+    assert "Best WSPO row" not in text
+    assert "No WSPO row stays within 5 nats of KL: the closest, **strong + WSPO (gamma=1)**, is at 5.50 (+0.350" in text

@@ -100,6 +100,13 @@ def verdicts(results: list[dict], rows: list[EvalRow], max_kl: float = 5.0) -> l
             f"Best WSPO row within {max_kl:g} nats of KL: **{best['name']}**, {best['diff_vs_baseline']:+.3f} "
             f"over the strong base ({'interval above zero' if lo > 0 else 'interval includes zero'}).",
         ]
+    elif wspo:
+        closest = min(wspo, key=lambda r: r["kl"])
+        lines += [
+            "",
+            f"No WSPO row stays within {max_kl:g} nats of KL: the closest, **{closest['name']}**, is at "
+            f"{closest['kl']:.2f} ({closest['diff_vs_baseline']:+.3f} over the strong base).",
+        ]
     for r in results:
         if "sign control" in r["name"]:
             direction = (
