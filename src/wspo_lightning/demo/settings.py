@@ -104,12 +104,13 @@ PRESETS = {
     "full": DemoSettings(),
     # The whole chain at a smoke-test size: minutes, not a significant result.
     "quick": DemoSettings(
-        n_train_prompts=48,
-        n_eval_prompts=16,
+        n_train_prompts=24,
+        n_eval_prompts=8,
         n_tuning_prompts=0,
         max_new_tokens=24,
-        distill_prompts=48,
+        distill_prompts=24,
         weak_dpo_epochs=1,
+        batch_size=4,  # the weak fits still run when ties leave few pairs (short answers of a weak model)
         val_fraction=0.1,
         val_checks=1,
     ),
