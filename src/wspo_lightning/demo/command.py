@@ -97,20 +97,20 @@ def precompute_stage(config: dict, cache: Path, run_dir: Path, force: bool) -> N
 
     if done("precompute", cache, force):
         return
-    command = write_precompute_config(config, run_dir, cache)
-    path = run_dir / "precompute.yaml"
+    path, command = write_precompute_config(config, run_dir, cache)
     with atomic_path(cache) as tmp:
         precompute(["--config", str(path), f"--model.init_args.cache_dir={tmp}"], command=command)
 
 
-def write_precompute_config(config: dict, run_dir: Path, cache: Path) -> str:
-    """Save `config` as `run_dir/precompute.yaml`; return the `wspo precompute` command that builds `cache`."""
+def write_precompute_config(config: dict, run_dir: Path, cache: Path) -> tuple[Path, str]:
+    """Save `config` as `run_dir/precompute.yaml`; return its path and the `wspo precompute` command that
+    builds `cache` from it."""
     import yaml
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "precompute.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return f"wspo precompute --config {path} --model.init_args.cache_dir {cache}"
+    return path, f"wspo precompute --config {path} --model.init_args.cache_dir {cache}"
 
 
 def run_demo(
@@ -220,7 +220,7 @@ def run_demo(
             )
             return fit(config, str(models / name), str(runs / name), force=force)
 
-    def frozen_cache(name: str, pair: tuple[Path, Path]) -> Path:
+    def frozen_cache(name: str, pair: tuple[Path, Path], gamma: float) -> Path:
         """The frozen roles' cache of WSPO with `pair`: the weak pair swapped (the sign control) is the cache
         of the pair in order with delta_weak negated, derived without a forward pass (`cache.swap`)."""
         config = strong_config(
@@ -232,21 +232,21 @@ def run_demo(
             runs / f"{name}_precompute",
             root,
             name,
-            **wspo_args(*pair, 1.0, None),
+            **wspo_args(*pair, gamma, None),  # the values do not depend on gamma
         )
         if pair == (weak_base, weak_aligned):
             precompute_stage(config, data / "wspo_frozen_cache", runs / f"{name}_precompute", force)
             return data / "wspo_frozen_cache"
         cache = data / f"{name}_frozen_cache"
         if not done("precompute", cache, force):
-            in_order = frozen_cache(name.replace("_sign_control", "") + "_in_order", (weak_base, weak_aligned))
-            command = write_precompute_config(config, runs / f"{name}_precompute", cache)
+            in_order = frozen_cache(f"{name}_in_order", (weak_base, weak_aligned), gamma)
+            _, command = write_precompute_config(config, runs / f"{name}_precompute", cache)
             swap_weak_pair(in_order, cache, command=command)
         return cache
 
     def wspo(gamma: float, name: str, pair: tuple[Path, Path] = (weak_base, weak_aligned)) -> None:
         with timer(f"strong {name}: precompute frozen roles"):
-            cache = frozen_cache(name, pair)
+            cache = frozen_cache(name, pair, gamma)
         strong_fit("WSPOModule", name, **wspo_args(*pair, gamma, cache))
 
     for gamma in s.gammas:
