@@ -94,6 +94,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"wspo: error: {found}", file=sys.stderr)  # the user's to fix: one line, no traceback
         return 2
+    finally:
+        _end_distributed()
+
+
+def _end_distributed() -> None:
+    """Destroy the process group a strategy left behind: left to interpreter exit, gloo's threads can be
+    torn down while still joinable, and a rank that finished its work aborts ("terminate called without an
+    active exception"), failing a run that succeeded."""
+    if "torch" not in sys.modules:  # nothing distributed ran; importing torch would only cost time
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def input_error_in(err: BaseException) -> InputError | None:
