@@ -15,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from wspo_lightning.data import PreferenceDataModule
 from wspo_lightning.errors import InputError
 from wspo_lightning.module import PreferenceModule
+from wspo_lightning.resume import check_model_paths, fill_from_checkpoint, written_values
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -35,7 +37,13 @@ class PrecomputeOptions:
 
 
 class WSPOLightningCLI(LightningCLI):
-    """LightningCLI over the objectives (`PreferenceModule` subclasses) and `PreferenceDataModule`."""
+    """LightningCLI over the objectives (`PreferenceModule` subclasses) and `PreferenceDataModule`.
+
+    `written`: the values the user wrote for the subcommand (config files and command line; no defaults,
+    nothing restored from a checkpoint). On `--ckpt_path FILE` the checkpoint's hyperparameters fill only the
+    model keys left unset (`wspo_lightning.resume`)."""
+
+    written: Namespace
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -45,6 +53,23 @@ class WSPOLightningCLI(LightningCLI):
         # One tokenizer for data and models: the policy's (a link, so data.tokenizer is never set on its own).
         parser.link_arguments("model.init_args.policy.path", "data.tokenizer", apply_on="parse")
         parser.add_class_arguments(PrecomputeOptions, "precompute")
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        self.written = written_values(parser, args, self.config.get("subcommand"))
+
+    def _parse_ckpt_path(self) -> None:
+        """Replaces LightningCLI's, under which the checkpoint's hyperparameters overrode the config."""
+        import torch
+
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not (ckpt_path and Path(ckpt_path).is_file()):
+            return  # `last`, `hpc`: the config gives every value (the module warns where they differ)
+        # mmap: only the hyperparameters are read, not a 7B model's weights
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
+        self.config = fill_from_checkpoint(self.parser, self.config, subcommand, hparams or {}, self.written)
+        check_model_paths(self.config[subcommand], self.written, ckpt_path)
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)

@@ -84,7 +84,7 @@ def as_spec(spec: ModelSpec | dict | None) -> ModelSpec | None:
     return ModelSpec(**spec) if isinstance(spec, dict) else spec
 
 
-def _local_folder(path: str) -> Path | None:
+def local_folder(path: str) -> Path | None:
     """`path` as a local folder when it looks like one (it exists, starts with . / ~ or has 2+ slashes); else None
     (a hub id)."""
     folder = Path(path).expanduser()
@@ -96,7 +96,7 @@ def check_model_path(spec: ModelSpec, role: str) -> None:
     """Fail early, before anything loads: a local model folder that is missing, holds no config.json
     (or no `gguf_file`), or holds weights only as pickles; quantization without its packages."""
     _check_quantization_packages(spec, role)
-    path = _local_folder(spec.path)
+    path = local_folder(spec.path)
     if path is None:
         return  # a hub id: transformers reports problems with it
     if not path.is_dir():
@@ -162,7 +162,7 @@ def load_tokenizer(source: ModelSpec | str, trust_remote_code: bool = False, rol
     from transformers import AutoTokenizer
 
     spec = source if isinstance(source, ModelSpec) else ModelSpec(path=str(source), trust_remote_code=trust_remote_code)
-    folder = _local_folder(spec.path)
+    folder = local_folder(spec.path)
     if folder is not None and not folder.is_dir():
         raise InputError(
             f"{role}: {spec.path} does not exist. Point it at a folder holding tokenizer files "

@@ -117,3 +117,29 @@ def configure(
     if isinstance(schedule, torch.optim.lr_scheduler.ReduceLROnPlateau):
         config.update(interval="epoch", monitor=getattr(schedule, "monitor", "val/loss"))
     return {"optimizer": built, "lr_scheduler": config}
+
+
+def group_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings as the config built them (everything but the parameters)."""
+    return [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+
+
+def reapply_settings(optimizer: torch.optim.Optimizer, scheduler: Any, configured: list[dict[str, Any]]) -> None:
+    """After a resume: the configured settings (`group_settings` of the freshly built optimizer) over the ones
+    the checkpoint's optimizer state brought back, keeping its moments and its place in the schedule.
+
+    Every constructor setting (weight decay, betas, eps, ...) is the config's. A changed peak learning rate
+    (`initial_lr`, set by per-step schedules) scales the current rate and the schedule's base rates by new/old,
+    so the schedule goes on from where it was at the new peak."""
+    for group, want in zip(optimizer.param_groups, configured, strict=True):
+        for key in optimizer.defaults:
+            if key not in ("lr", "initial_lr") and key in want:
+                group[key] = want[key]
+        if want.get("initial_lr") and group.get("initial_lr") and group["initial_lr"] != want["initial_lr"]:
+            group["lr"] *= want["initial_lr"] / group["initial_lr"]
+            group["initial_lr"] = want["initial_lr"]
+    if scheduler is not None and hasattr(scheduler, "base_lrs"):
+        scheduler.base_lrs = [
+            group.get("initial_lr", base) for group, base in zip(optimizer.param_groups, scheduler.base_lrs)
+        ]
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]

@@ -10,8 +10,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
+from wspo_lightning import optim
 from wspo_lightning.cache.store import LogpsCache
 from wspo_lightning.errors import InputError
 from wspo_lightning.frozen import FrozenRoles
@@ -27,8 +29,10 @@ from wspo_lightning.models import (
     load_model,
     load_tokenizer,
 )
+from wspo_lightning.resume import changed_hyperparameters
 
 log = logging.getLogger(__name__)
+_warn = rank_zero_only(log.warning)
 
 
 def sequences(batch: dict, side: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,12 +220,10 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
 
     # ---- optimisation ------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        from wspo_lightning import optim
-
         params = [p for p in self.policy.parameters() if p.requires_grad]
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         hp = self.hparams
-        return optim.configure(
+        configured = optim.configure(
             params,
             total,
             self.optimizer_callable,
@@ -230,6 +232,21 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
             hp.weight_decay,
             hp.warmup_ratio,
         )
+        self._configured_groups = optim.group_settings(configured["optimizer"])
+        return configured
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for line in changed_hyperparameters(checkpoint.get("hyper_parameters") or {}, dict(self.hparams)):
+            _warn(line)
+
+    def on_train_start(self) -> None:
+        # A resumed optimizer state brings the old run's settings (weight decay, peak learning rate): the
+        # config's win (`optim.reapply_settings`).
+        if self.trainer.ckpt_path is not None and getattr(self, "_configured_groups", None) is not None:
+            config = self.trainer.lr_scheduler_configs[0] if self.trainer.lr_scheduler_configs else None
+            optim.reapply_settings(
+                self.trainer.optimizers[0], config.scheduler if config else None, self._configured_groups
+            )
 
     def validation_step(self, batch: dict, batch_idx: int) -> Any:
         return self.evaluate(batch, "val")

@@ -1,0 +1,101 @@
+"""Resuming with `--ckpt_path`: what the user wrote wins over the checkpoint's saved hyperparameters.
+
+LightningCLI re-parses a checkpoint's `hyper_parameters` after the config, so a run moved to another machine
+resumed with the old machine's model paths, and a value given at resume (a new `cache_dir`) was silently
+replaced. Here the checkpoint only fills the model's keys that the config files and the command line leave
+unset; a restored value is a default, never a choice of the user (`written_values` keeps what they wrote).
+Each key whose value differs from the checkpoint's gets one warning line (`changed_hyperparameters`, from the
+module's `on_load_checkpoint`, so `--ckpt_path last` and SLURM requeues are warned too), and a local model path
+that exists neither in the config nor in the checkpoint is an error naming the key to set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+
+from wspo_lightning.errors import InputError
+from wspo_lightning.models import local_folder
+
+MODEL = "model.init_args"
+
+
+def written_values(parser, args: Any, subcommand: str | None) -> Namespace:
+    """What the user wrote for `subcommand` (None: a parser without subcommands), in config files and on the
+    command line: no defaults, nothing restored from a checkpoint (keys as `model.init_args.gamma`)."""
+    if isinstance(args, (dict, Namespace)):
+        written = parser.parse_object(args, defaults=False)
+    else:
+        written = parser.parse_args(sys.argv[1:] if args is None else list(args), defaults=False)
+    return (written.get(subcommand) or Namespace()) if subcommand else written
+
+
+def fill_from_checkpoint(parser, config: Namespace, subcommand: str, hparams: dict, written: Namespace) -> Namespace:
+    """`config` with the model keys that `written` leaves unset taken from a checkpoint's `hparams`.
+
+    The checkpoint's values go in first and the user's written values over them, both through the parser, so
+    values are typed and links (data.tokenizer follows the policy's path) follow the values that win."""
+    hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+    saved_class = hparams.pop("_class_path", None)
+    model = config[subcommand].model
+    if saved_class is not None and saved_class != model.class_path:
+        return config  # another objective's hyperparameters say nothing about this one's (its state dict decides)
+    known = {k: v for k, v in hparams.items() if k in model.init_args}  # a key this version removed is dropped
+    if not known:
+        return config
+    filled = parser.parse_object({subcommand: {"model": {"class_path": model.class_path, "init_args": known}}}, config)
+    if "model" in written:
+        filled = parser.parse_object({subcommand: {"model": written.model.as_dict()}}, filled)
+    return filled
+
+
+def check_model_paths(config: Namespace, written: Namespace, ckpt_path: str) -> None:
+    """Every local model folder of the resumed model exists: else one line naming the key to set."""
+    for role, value in vars(config.model.init_args).items():
+        path = value.get("path") if isinstance(value, Namespace) else None
+        folder = local_folder(path) if isinstance(path, str) else None
+        if folder is None or folder.is_dir():
+            continue
+        key = f"{MODEL}.{role}.path"
+        origin = "given" if key in written else f"restored from the checkpoint {Path(ckpt_path).name}"
+        raise InputError(
+            f"{key}: {path} ({origin}) does not exist. Set {key} in the config or on the command line to "
+            "where that model is now."
+        )
+
+
+def _plain(value: Any) -> Any:
+    """A hyperparameter as plain data: specs (dataclasses) and namespaces as dicts."""
+    if isinstance(value, Namespace):
+        return value.as_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _leaves(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict) and value:
+        return {k: v for key, item in value.items() for k, v in _leaves(_plain(item), f"{prefix}.{key}").items()}
+    return {prefix: value}
+
+
+def changed_hyperparameters(saved: dict, current: dict) -> list[str]:
+    """One line per model key whose value differs from the checkpoint's: per field where both are blocks of
+    the same fields (`policy.path`), else the whole value. Keys the checkpoint lacks (arguments newer than
+    it) have nothing to compare."""
+    lines = []
+    for name, saved_value in saved.items():
+        if name.startswith("_") or name not in current:
+            continue
+        old, new = _leaves(_plain(saved_value), f"{MODEL}.{name}"), _leaves(_plain(current[name]), f"{MODEL}.{name}")
+        if old == new:
+            continue
+        changed = [key for key in new if old.get(key) != new[key]] if old.keys() == new.keys() else [None]
+        for key in changed:
+            was, now = (old[key], new[key]) if key else (_plain(saved_value), _plain(current[name]))
+            lines.append(f"resume: {key or f'{MODEL}.{name}'} = {now!r} as given, not the checkpoint's {was!r}")
+    return lines
