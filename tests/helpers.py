@@ -36,8 +36,9 @@ def tiny_config(
 ) -> Path:
     """configs/tiny_cpu.yaml pointed at `world` (from `write_tiny_world`), writing under `out`: logs in
     `out/logs`, checkpoints in `out/checkpoints` (every N steps, None: at epoch ends), the export in
-    `out/export`; `gamma` replaces the GammaSchedule's arguments, `extra_callbacks` are added (a NonFiniteGuard
-    among them replaces the config's), `trainer` overrides trainer keys. Saved as `out/name`."""
+    `out/export`; `gamma` replaces the GammaSchedule's arguments (with a `value`, the model's gamma goes),
+    `extra_callbacks` are added (a NonFiniteGuard among them replaces the config's), `trainer` overrides
+    trainer keys. Saved as `out/name`."""
     config = yaml.safe_load((ROOT / "configs" / "tiny_cpu.yaml").read_text())
     model = config["model"]["init_args"]
     model["policy"]["path"] = str(world / "policy")
@@ -56,6 +57,8 @@ def tiny_config(
             args["dirpath"] = str(out / "export")
         elif kind == "GammaSchedule" and gamma is not None:
             callback["init_args"] = gamma
+            if "value" in gamma:  # the schedule names its own target: the model's gamma is left unwritten
+                model.pop("gamma", None)
     if any(c["class_path"].endswith("NonFiniteGuard") for c in extra_callbacks):
         config["trainer"]["callbacks"] = [
             c for c in config["trainer"]["callbacks"] if not c["class_path"].endswith("NonFiniteGuard")

@@ -42,20 +42,58 @@ def test_gamma_schedule_values_match_worked_numbers(schedule, expected):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"kind": "exponential"}, {"value": float("nan")}, {"every": 0}],
-    ids=["unknown-kind", "nan-value", "zero-every"],
+    [
+        {"kind": "exponential"},
+        {"value": float("nan")},
+        {"every": 0},
+        {"value": 0.0},  # a target of 0: a loss that trains nothing
+        {"kind": "linear_warmup", "start": -1.0},
+        {"kind": "step", "value": 4.0},  # no start: 0 * factor**k would stay 0 forever
+        {"kind": "step", "value": 4.0, "start": 0.0},
+    ],
+    ids=[
+        "unknown-kind",
+        "nan-value",
+        "zero-every",
+        "zero-target",
+        "negative-start",
+        "step-no-start",
+        "step-zero-start",
+    ],
 )
 def test_gamma_schedule_rejects_bad_settings(kwargs):
     with pytest.raises(InputError, match="GammaSchedule"):
         GammaSchedule(**kwargs)
 
 
+def test_gamma_has_one_source_the_models_unless_the_schedule_names_its_own_target(tiny_world, tmp_path):
+    """The README's `--model.init_args.gamma 2` over the tiny config (a constant GammaSchedule without a value)
+    trains at 2, and the card says 2; a schedule's own target is used when the model's gamma is not written;
+    both written and different is one line."""
+    config = tiny_config(tiny_world, tmp_path / "two")
+    cli = fit(config, "--model.init_args.gamma", "2", "--trainer.max_steps=2", "--trainer.val_check_interval=1")
+    assert metrics(cli)["train/wspo/gamma"] == [2.0, 2.0]
+    assert metrics(cli)["val/wspo/gamma"] == [2.0, 2.0]
+    assert "| gamma | 2 (constant) |" in (tmp_path / "two" / "export" / "README.md").read_text()
+
+    own = with_schedule(tiny_config(tiny_world, tmp_path / "own"), {"kind": "constant", "value": 3.0})
+    assert metrics(fit(own, "--trainer.max_steps=1", "--trainer.limit_val_batches=0"))["train/wspo/gamma"] == [3.0]
+
+    with pytest.raises(
+        InputError, match=r"^model\.init_args\.gamma is 2 but the GammaSchedule's value .* is 3: set one"
+    ):
+        fit(own, "--model.init_args.gamma=2")
+
+
 def with_schedule(config: Path, schedule: dict) -> Path:
-    """The tiny config with its GammaSchedule replaced by `schedule` (init_args)."""
+    """The tiny config with its GammaSchedule replaced by `schedule` (init_args; a `value` there is the target,
+    so the model's gamma is left unwritten)."""
     data = yaml.safe_load(config.read_text())
     for callback in data["trainer"]["callbacks"]:
         if callback["class_path"].endswith("GammaSchedule"):
             callback["init_args"] = schedule
+    if "value" in schedule:
+        data["model"]["init_args"].pop("gamma", None)
     config.write_text(yaml.safe_dump(data))
     return config
 

@@ -88,6 +88,7 @@ class WSPOLightningCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_checkpoint_arguments()
+        self._check_one_gamma()
 
     def before_validate(self) -> None:
         self._check_checkpoint_arguments()
@@ -113,6 +114,20 @@ class WSPOLightningCLI(LightningCLI):
                 f"ckpt_path: {ckpt_path} does not exist. Give a checkpoint file, or `last` to resume "
                 "from the newest last checkpoint."
             )
+
+    def _check_one_gamma(self) -> None:
+        """One source for gamma: a `model.gamma` and a GammaSchedule target, both written and different, is an
+        error (unwritten, the schedule's target is the module's gamma)."""
+        written = self.written.get("model.init_args.gamma")
+        if written is None:
+            return
+        for callback in self.written.get("trainer.callbacks") or []:
+            target = callback.get("init_args.value") if isinstance(callback, Namespace) else None
+            if str(callback.get("class_path", "")).endswith("GammaSchedule") and target not in (None, written):
+                raise InputError(
+                    f"model.init_args.gamma is {written:g} but the GammaSchedule's value (its target) is {target:g}: "
+                    "set one (without GammaSchedule.value the schedule's target is model.init_args.gamma)"
+                )
 
 
 class PrecomputeCLI(WSPOLightningCLI):

@@ -21,23 +21,27 @@ log = logging.getLogger(__name__)
 class GammaSchedule(pl.Callback):
     """Set `pl_module.gamma` before every training batch.
 
+    One source for gamma: the schedule's target (`value`) is the module's `gamma` unless the config gives it;
+    giving both `model.gamma` and a different `value` is refused by `wspo fit` in one line.
+
     Args:
-        kind: "constant" (always `value`); "linear_warmup" (`start` -> `value` over `warmup_steps`,
-            then `value`); "cosine" (`start` -> `value` along a half cosine over `total_steps`);
-            "step" (`start`, multiplied by `factor` every `every` steps, capped at `value`).
-        value: the target gamma.
-        start: gamma at step 0 (linear_warmup, cosine, step).
+        kind: "constant" (always the target); "linear_warmup" (`start` -> target over `warmup_steps`, then
+            the target); "cosine" (`start` -> target along a half cosine over `total_steps`); "step" (`start`,
+            multiplied by `factor` every `every` steps, capped at the target).
+        value: the target gamma, > 0; null: the module's `gamma` (resolved when training starts).
+        start: gamma at step 0: >= 0 for linear_warmup and cosine (null: 0); > 0 for step (required: a
+            product of 0 stays 0).
         warmup_steps: length of the linear warm-up.
         total_steps: length of the cosine; None means the run's optimizer steps.
         every: steps between two multiplications (step).
-        factor: multiplier (step).
+        factor: multiplier (step), > 0.
     """
 
     def __init__(
         self,
         kind: Literal["constant", "linear_warmup", "cosine", "step"] = "constant",
-        value: float = 1.0,
-        start: float = 0.0,
+        value: float | None = None,
+        start: float | None = None,
         warmup_steps: int = 0,
         total_steps: int | None = None,
         every: int = 100,
@@ -46,14 +50,38 @@ class GammaSchedule(pl.Callback):
         if kind not in ("constant", "linear_warmup", "cosine", "step"):
             raise InputError(f"GammaSchedule.kind must be constant, linear_warmup, cosine or step, got {kind!r}")
         for name, number in (("value", value), ("start", start), ("factor", factor)):
-            if not math.isfinite(number):
+            if number is not None and not math.isfinite(number):
                 raise InputError(f"GammaSchedule.{name} must be finite, got {number}")
+        if value is not None and not value > 0:
+            raise InputError(f"GammaSchedule.value (the target gamma) must be > 0, got {value}")
+        if kind == "step" and not (start is not None and start > 0 and factor > 0):
+            raise InputError(
+                f"GammaSchedule(kind=step) needs start > 0 and factor > 0 (start {start} would stay there): "
+                "set GammaSchedule.start, e.g. to the target divided by factor**3"
+            )
+        if start is not None and start < 0:
+            raise InputError(f"GammaSchedule.start must be >= 0, got {start}")
         if warmup_steps < 0 or every < 1:
             raise InputError("GammaSchedule.warmup_steps must be >= 0 and GammaSchedule.every >= 1")
-        self.kind, self.value, self.start = kind, value, start
+        self.kind, self.value, self.start = kind, value, 0.0 if start is None else start
         self.warmup_steps, self.total_steps, self.every, self.factor = warmup_steps, total_steps, every, factor
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.value is None:  # the target: the module's gamma (before any schedule changed it)
+            gamma = pl_module.hparams.get("gamma")
+            if gamma is None:
+                raise InputError(
+                    f"GammaSchedule: {type(pl_module).__name__} has no gamma; set GammaSchedule.value or drop it"
+                )
+            self.value = float(gamma)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # validation before the first training batch logs the schedule's gamma too, not the module's default
+        pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
+
     def gamma_at(self, step: int, total_steps: int | None = None) -> float:
+        if self.value is None:
+            raise RuntimeError("GammaSchedule.gamma_at before setup: the target (the module's gamma) is not known")
         if self.kind == "constant":
             return self.value
         if self.kind == "linear_warmup":
