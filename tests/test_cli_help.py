@@ -27,3 +27,22 @@ def test_every_subcommand_has_its_own_help(name, capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "usage:" in out and "--" in out
+
+
+@pytest.mark.parametrize("name", ["fit", "validate", "test", "precompute"])
+def test_the_lightning_commands_help_says_how_to_list_the_objectives_keys_and_that_command_works(name, capsys):
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    hint = f"wspo {name} --model.help WSPOModule"
+    assert hint in " ".join(capsys.readouterr().out.split())  # (argparse wraps the epilog)
+    with pytest.raises(SystemExit) as done:
+        main(hint.split()[1:])
+    listed = capsys.readouterr().out
+    assert done.value.code == 0 and "--model.gamma" in listed and "--model.weak_base.path" in listed
+
+
+def test_an_unknown_model_key_points_at_the_objectives_key_list(tiny_world, tmp_path, capsys):
+    from helpers import tiny_config
+
+    assert main(["fit", "--config", str(tiny_config(tiny_world, tmp_path)), "--model.init_args.gama=2"]) == 2
+    assert "the objective's: wspo fit --model.help WSPOModule" in capsys.readouterr().err

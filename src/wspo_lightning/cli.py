@@ -83,7 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ArgumentError as err:  # a config with unknown keys or wrong types
         from wspo_lightning.lightning_cli import parser_message
 
-        print(f"wspo: error: config: {parser_message(str(err))} (wspo {name} --help lists every key)", file=sys.stderr)
+        where = f"wspo {name} --help lists every key"
+        if name in (*LIGHTNING, "precompute"):  # the objective's keys are not in --help: say where they are
+            where += f"; the objective's: wspo {name} --model.help WSPOModule"
+        print(f"wspo: error: config: {parser_message(str(err))} ({where})", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"wspo: error: {err}", file=sys.stderr)

@@ -140,6 +140,15 @@ class PrecomputeCLI(WSPOLightningCLI):
         parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored (a key of fit's)")
 
 
+def model_keys_hint(command: str | None = "fit") -> str:
+    """Where the objective's own keys are listed: `--help` shows only `--model CONFIG | CLASS_PATH_OR_NAME`."""
+    command = command or "fit"
+    return (
+        f"The objective's keys (gamma, weak_base, weak_aligned, cache_dir, beta, ...) are listed by: "
+        f"wspo {command} --model.help WSPOModule (or DPOModule, SFTModule)"
+    )
+
+
 def add_fault_defaults(trainer) -> None:
     """Atomic checkpoint writes and a NonFiniteGuard(action=stop), unless the config chose its own."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -188,8 +197,14 @@ def run_cli(
     parser_kwargs: dict[str, Any] = {"description": description} if description else {}
     if prog:
         parser_kwargs["prog"] = prog
+    command = prog.split()[-1] if prog else None
+    parser_kwargs.update(
+        {name: {"epilog": model_keys_hint(name)} for name in SUBCOMMANDS}, epilog=model_keys_hint(command)
+    )
     if not exit_on_error:
-        parser_kwargs.update({"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}})
+        parser_kwargs["exit_on_error"] = False
+        for name in SUBCOMMANDS:
+            parser_kwargs[name]["exit_on_error"] = False
     with warnings.catch_warnings():
         # we always pass args; LightningCLI warns when sys.argv holds flags too, as it does under `wspo`
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -229,9 +244,11 @@ def precompute(argv: Sequence[str], command: str | None = None) -> Path:
     from wspo_lightning.cache.precompute import build_cache
 
     argv = list(argv)
-    # Frozen forwards need no sharding: plain data parallel ("auto": DDP on several devices).
+    # Frozen forwards need no sharding: plain data parallel ("auto": DDP on several devices). Not after a
+    # `--KEY.help CLASS`, which prints its class's keys and takes no more arguments.
+    asks_help = any(arg.split("=")[0].endswith(".help") for arg in argv)
     cli = run_cli(
-        argv + ["--trainer.strategy=auto", "--trainer.logger=false"],
+        argv + ([] if asks_help else ["--trainer.strategy=auto", "--trainer.logger=false"]),
         run=False,
         exit_on_error=False,
         cli_class=PrecomputeCLI,
