@@ -178,6 +178,19 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
     assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "finished", "weak_reward"]
 
 
+def test_a_cached_runs_sample_table_has_no_weak_reward_column_rather_than_nan(tiny_world, tmp_path):
+    """With cache_dir the weak pair never loads, so new text has no weak reward: the column is absent."""
+    from wspo_lightning.lightning_cli import precompute
+
+    config, cache = tiny_config(tiny_world, tmp_path / "run"), tmp_path / "cache"
+    precompute(["--config", str(config), f"--model.init_args.cache_dir={cache}"])
+    cli = fit(config, f"--model.init_args.cache_dir={cache}", "--trainer.max_steps=1", "--trainer.val_check_interval=1")
+    assert "weak_base" not in cli.model.frozen
+    (table,) = (Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl")
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert len(rows) == 2 and all(set(row) == {"step", "prompt", "completion", "finished"} for row in rows)
+
+
 def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path):
     cli = fit(tiny_config(tiny_world, tmp_path / "run"), "--trainer.max_epochs=1")
     sample_files = sorted((Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl"))

@@ -86,8 +86,9 @@ class SampleTable(pl.Callback):
 
     Prompts are rendered, and generation stops, as in training (`PreferenceDataModule.renderer`: the chat
     template's end-of-turn among the stop ids). Columns: step, prompt, completion, finished (ended by a stop
-    id rather than the length limit), weak reward (WSPO runs: sum of the weak pair's log-ratio over the
-    completion, computed as for training records: `PreferenceDataModule.batch_of`, `WSPOModule.weak_reward`).
+    id rather than the length limit), weak reward (WSPO runs with the weak pair loaded: sum of the weak pair's
+    log-ratio over the completion, computed as for training records: `PreferenceDataModule.batch_of`,
+    `WSPOModule.weak_reward`; absent when the weak pair's values come from a cache).
     Written to `<log_dir>/samples/step_<N>.jsonl`, and to W&B as one table holding the rows of every
     validation so far (so its latest version shows the whole history).
 
@@ -122,10 +123,9 @@ class SampleTable(pl.Callback):
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps(row) + "\n" for row in rows))
         self.history += rows
+        columns = [c for c in self.columns if c in rows[0]]
         for logger in _wandb_loggers(trainer):
-            logger.log_table(
-                key=self.key, columns=self.columns, data=[[r[c] for c in self.columns] for r in self.history]
-            )
+            logger.log_table(key=self.key, columns=columns, data=[[r[c] for c in columns] for r in self.history])
 
     def _complete(self, pl_module: pl.LightningModule, datamodule: Any, prompts: list) -> list[dict]:
         renderer = datamodule.renderer
@@ -151,11 +151,12 @@ class SampleTable(pl.Callback):
         finished = finished.tolist()
         responses = [row[kept].tolist() for row, kept in zip(completion_ids, keep)]
         completions = [renderer.decode(ids) for ids in responses]
-        rewards = [None] * len(prompts)
+        rows = [
+            {"prompt": plain_text(p), "completion": c, "finished": f} for p, c, f in zip(prompts, completions, finished)
+        ]
         if hasattr(pl_module, "weak_reward"):  # the completions as training records: rendered, batched, scored alike
             batch = datamodule.batch_of(prompts, completions, responses, finished)
-            rewards = pl_module.weak_reward(move_data_to_device(batch, pl_module.device)).tolist()
-        return [
-            {"prompt": plain_text(p), "completion": c, "finished": f, "weak_reward": r}
-            for p, c, f, r in zip(prompts, completions, finished, rewards)
-        ]
+            rewards = pl_module.weak_reward(move_data_to_device(batch, pl_module.device))
+            for row, reward in zip(rows, rewards.tolist() if rewards is not None else []):
+                row["weak_reward"] = reward
+        return rows

@@ -190,17 +190,13 @@ class WSPOModule(PreferenceModule):
         return outputs
 
     @torch.no_grad()
-    def weak_reward(self, batch: dict) -> Tensor:
+    def weak_reward(self, batch: dict) -> Tensor | None:
         """reward_weak(x, y) = sum_t delta_weak(t) of each chosen row of a collated batch (the weak side
         included: `PreferenceDataModule.batch_of`), [B], as training computes delta_weak. Used by SampleTable.
 
-        NaN when the weak pair is not loaded (its values come from a cache, which holds no new text)."""
-        input_ids = batch["chosen_input_ids"]
+        None when the weak pair is not loaded (its values come from a cache, which holds no new text)."""
         if "weak_aligned" not in self.frozen:
-            if not getattr(self, "_warned_no_weak_pair", False):
-                log.warning("weak_reward: the weak pair is not loaded (cache_dir), weak rewards of new text are NaN")
-                self._warned_no_weak_pair = True
-            return torch.full((input_ids.shape[0],), float("nan"), device=input_ids.device)
+            return None
         sides, rows = step_rows(batch, pairs=False)
         delta = self.frozen.step_delta_weak(batch, sides, rows)
         return losses.implicit_reward(delta, torch.zeros_like(delta), response_mask(rows[2]))
