@@ -61,6 +61,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -73,6 +74,7 @@ import yaml
 from helpers import tiny_config
 
 from wspo_lightning.cli import main as wspo_main
+from wspo_lightning.errors import InputError
 from wspo_lightning.tiny import build_tokenizer, preference_records, write_jsonl, write_tiny_model
 
 OK = {"prompt": "p", "chosen": "c", "rejected": "r"}
@@ -386,3 +388,37 @@ def test_fit_loads_checkpoints_with_weights_only(tiny_world, tmp_path, monkeypat
     torch.save({"state_dict": {}}, checkpoint)
     assert wspo_main(["fit", "--config", str(tiny_config(tiny_world, tmp_path)), f"--ckpt_path={checkpoint}"]) == 0
     assert seen["weights_only"] is True and seen["ckpt_path"] == str(checkpoint)
+
+
+def test_a_hub_id_that_cannot_be_fetched_fails_at_once_with_the_download_command(monkeypatch):
+    """Offline (HF_HUB_OFFLINE), or online with the Hub unreachable (an endpoint on a closed local port), an
+    uncached Hub id is one line naming `hf download`, before transformers' retries."""
+    from huggingface_hub import constants
+
+    from wspo_lightning.models import ModelSpec, check_model_path, load_tokenizer
+
+    spec = ModelSpec(path="wspo-tests/not-a-cached-model")
+    download = r"Download it where the Hub is reachable: `hf download wspo-tests/not-a-cached-model --local-dir DIR`"
+    with pytest.raises(InputError, match=r"^policy\.path: .* HF_HUB_OFFLINE is set\. " + download):
+        check_model_path(spec, "policy")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as closed:  # a port nobody listens on: the connection is refused at once
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(InputError, match=r"^tokenizer\.path: .* 127\.0\.0\.1 cannot be reached: .*" + download):
+        load_tokenizer(spec)
+
+
+def test_a_reference_with_another_vocabulary_than_the_policy_gets_advice_that_knows_cross_tokenizer_wspo():
+    from wspo_lightning.models import check_same_vocabulary
+
+    with pytest.raises(InputError) as refused:
+        check_same_vocabulary({"policy": build_tokenizer(300), "reference": build_tokenizer(280)})
+    said = str(refused.value)
+    assert said.startswith("the tokenizers of policy and reference differ (300 vs 280 tokens")
+    assert "the reference is the policy's starting model" in said and "weak_tokenization: auto" in said
+    assert "family" not in said  # the old advice (a weak pair of the strong model's family) is stale

@@ -92,13 +92,44 @@ def local_folder(path: str) -> Path | None:
     return folder if looks_local else None
 
 
+def check_hub_model(spec: ModelSpec, role: str, filename: str = "config.json") -> None:
+    """A Hub id loads from the local cache, or from a Hub that answers: else one line with the command that
+    downloads it, at once (offline, transformers would retry for about a minute before its own error)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    wanted = spec.gguf_file or filename
+    if isinstance(try_to_load_from_cache(spec.path, wanted, revision=spec.revision), str):
+        return
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1" else None
+    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if reason is None and proxied:
+        return  # the Hub is reached through the proxy: a direct connection says nothing
+    if reason is None:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+            return
+        except OSError as err:
+            reason = f"{endpoint.hostname} cannot be reached: {err.strerror or err}"
+    raise InputError(
+        f"{role}.path: {spec.path} is not a local folder, so it was read as a Hugging Face Hub id; it is not in "
+        f"the local cache and {reason}. Download it where the Hub is reachable: `hf download {spec.path} "
+        "--local-dir DIR`, then set the path to DIR."
+    )
+
+
 def check_model_path(spec: ModelSpec, role: str) -> None:
     """Fail early, before anything loads: a local model folder that is missing, holds no config.json
     (or no `gguf_file`), or holds weights only as pickles; quantization without its packages."""
     _check_quantization_packages(spec, role)
     path = local_folder(spec.path)
     if path is None:
-        return  # a hub id: transformers reports problems with it
+        check_hub_model(spec, role)
+        return
     if not path.is_dir():
         raise InputError(
             f"{role}.path: {spec.path} does not exist. Point it at a model folder (for a toy one: wspo tiny --out DIR)."
@@ -169,6 +200,8 @@ def load_tokenizer(source: ModelSpec | str, trust_remote_code: bool = False, rol
             "(tokenizer.json, tokenizer_config.json), such as a model folder (under wspo fit: "
             "model.policy.path)."
         )
+    if folder is None:
+        check_hub_model(spec, role, "tokenizer_config.json")
     _note_remote_code(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -299,8 +332,10 @@ def check_same_vocabulary(tokenizers: Mapping[str, object], advice: str | None =
             f"e.g. {only_first} of {first_role} is not in {role}). "
             + (
                 advice
-                or "Token-level WSPO needs one vocabulary: use a weak pair from the strong model's family, or "
-                "test-time decoding (wspo generate), which re-tokenises text."
+                or "Log-probs compared token by token need one vocabulary: the reference is the policy's starting "
+                "model (or null: a frozen copy of the policy). A weak pair may have another tokenizer than the "
+                "policy: training maps its log-ratios by characters (model.init_args.weak_tokenization: auto, "
+                "docs/cross-tokenizer.md), CBS and best-of-N score text; proxy decoding needs one vocabulary."
             )
         )
 
