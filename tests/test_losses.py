@@ -1,10 +1,9 @@
-"""Tests for wspo_lightning.losses: hand-worked numbers (arithmetic in each docstring) plus reference checks."""
+"""Tests for wspo_lightning.losses: hand-worked numbers (arithmetic in each docstring) plus reference checks.
+The pair losses (DPO family) are tested against TRL in test_pair_losses.py."""
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from torch.testing import assert_close
 
 from wspo_lightning.logprobs import IGNORE_INDEX, token_logps
 from wspo_lightning.losses import (
-    dpo_loss,
     implicit_reward,
     reward_margin,
     sequence_logps,
@@ -235,130 +233,3 @@ def test_reward_margin_and_accuracy_count_ties_as_wrong():
     assert_close(margin, torch.tensor([1.0, -1.0, 0.0]))
     assert_close(correct, torch.tensor([1.0, 0.0, 0.0]))
     assert_close(correct.mean(), torch.tensor(1 / 3))
-
-
-# ---------------------------------------------------------------- dpo_loss
-
-# logits = (pc - pr) - (rc - rr): row 0 (-0.4) - (-0.4) = 0, row 1 20 - 10 = 10, row 2 20 - 0 = 20.
-POLICY_CHOSEN = torch.tensor([-0.5, -10.0, -1.0])
-POLICY_REJECTED = torch.tensor([-0.1, -30.0, -21.0])
-REFERENCE_CHOSEN = torch.tensor([-0.5, -15.0, -3.0])
-REFERENCE_REJECTED = torch.tensor([-0.1, -25.0, -3.0])
-
-
-def test_dpo_loss_matches_hand_worked_example():
-    """logits = [0, 10, 20] -> beta = 0.1 scales to x = [0, 1, 2] -> loss = -log sigmoid(x) = log(1 + e^-x)
-    = [ln 2, ln(1 + e^-1), ln(1 + e^-2)] = [0.6931, 0.3133, 0.1269].
-    chosen_rewards = 0.1 * (pc - rc) = 0.1 * [0, 5, 2] = [0, 0.5, 0.2];
-    rejected_rewards = 0.1 * (pr - rr) = 0.1 * [0, -5, -18] = [0, -0.5, -1.8]."""
-    losses, chosen, rejected = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, beta=0.1)
-    assert_close(losses, torch.tensor([LN2, math.log1p(math.exp(-1)), math.log1p(math.exp(-2))]))
-    assert_close(chosen, torch.tensor([0.0, 0.5, 0.2]))
-    assert_close(rejected, torch.tensor([0.0, -0.5, -1.8]))
-
-
-def test_dpo_loss_label_smoothing_adds_ls_times_scaled_logit():
-    """ls = 0.1: loss = 0.9 log(1 + e^-x) + 0.1 log(1 + e^x), and log(1 + e^x) = x + log(1 + e^-x),
-    so loss = log(1 + e^-x) + 0.1 x: x = [0, 1, 2] -> [0.6931, 0.3133 + 0.1, 0.1269 + 0.2]."""
-    losses, _, _ = dpo_loss(
-        POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, beta=0.1, label_smoothing=0.1
-    )
-    expected = torch.tensor([LN2, math.log1p(math.exp(-1)) + 0.1, math.log1p(math.exp(-2)) + 0.2])
-    assert_close(losses, expected)
-
-
-def test_dpo_rewards_are_detached():
-    policy_chosen = POLICY_CHOSEN.clone().requires_grad_(True)
-    losses, chosen, rejected = dpo_loss(policy_chosen, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED)
-    assert losses.requires_grad and not chosen.requires_grad and not rejected.requires_grad
-
-
-@pytest.mark.parametrize("label_smoothing", [-0.1, 0.5, 0.7])
-def test_dpo_loss_rejects_label_smoothing_outside_zero_to_half(label_smoothing):
-    with pytest.raises(ValueError, match="label_smoothing"):
-        dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REFERENCE_CHOSEN, REFERENCE_REJECTED, label_smoothing=label_smoothing)
-
-
-def _trl_compute_loss(loss_type, beta, label_smoothing, pc, pr, rc, rr):
-    """Run TRL's own ``DPOTrainer._compute_loss`` (TRL 1.x) unbound on a minimal stand-in trainer.
-
-    The stand-in model returns per-token log-probs [2B, 1]: one completion token per sequence holding its
-    sequence sum (rows are [chosen..., rejected...], as TRL concatenates them); reference log-probs come in
-    as precomputed (``precompute_ref_logps``), so no reference model runs. Returns (loss, eval metrics)."""
-    import trl.trainer.dpo_trainer as trl_dpo  # the dev extra pins TRL 1.x, where this method exists
-
-    rows = 2 * pc.shape[0]
-    per_token = torch.cat([pc, pr]).unsqueeze(1)  # [2B, 1]
-
-    class StandInModel:
-        training = False  # -> TRL logs under "eval" and leaves its train token counter alone
-
-        def __call__(self, **kwargs):
-            zeros = torch.zeros(rows, 1)
-            return SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
-
-    model = StandInModel()
-    identity = lambda t: t  # noqa: E731  single process: gathering is the identity
-    trainer = SimpleNamespace(
-        model=model,
-        accelerator=SimpleNamespace(device=torch.device("cpu"), gather=identity, gather_for_metrics=identity),
-        aux_loss_enabled=False,
-        precompute_ref_logps=True,
-        ld_alpha=None,
-        f_divergence_type="reverse_kl",
-        loss_types=[loss_type],
-        loss_weights=[1.0],
-        beta=beta,
-        label_smoothing=label_smoothing,
-        use_weighting=False,
-        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0,
-        _tp_size=1,
-    )
-    inputs = {
-        "input_ids": torch.zeros(rows, 2, dtype=torch.long),
-        "attention_mask": torch.ones(rows, 2, dtype=torch.long),
-        "completion_mask": torch.tensor([[0, 1]] * rows),
-        "ref_chosen_logps": rc,
-        "ref_rejected_logps": rr,
-    }
-    loss = trl_dpo.DPOTrainer._compute_loss(trainer, model, inputs, return_outputs=False)
-    return loss, trainer._metrics["eval"]
-
-
-def test_dpo_loss_and_metrics_match_trl_sigmoid_loss_on_random_inputs():
-    """TRL's 'sigmoid' loss (no label smoothing in TRL 1.x) and the metrics it logs, on random sequence sums:
-    loss = mean of our losses; rewards/chosen, rewards/rejected = mean of our rewards; rewards/margins and
-    rewards/accuracies = mean of reward_margin's (margin, correct); logps/chosen, logps/rejected = mean policy."""
-    g = torch.Generator().manual_seed(7)
-    pc, pr, rc, rr = (-torch.rand(8, generator=g) * 50 for _ in range(4))
-    beta = 0.3
-    trl_loss, trl_metrics = _trl_compute_loss("sigmoid", beta, 0.0, pc, pr, rc, rr)
-    losses, chosen, rejected = dpo_loss(pc, pr, rc, rr, beta=beta)
-    margin, correct = reward_margin(chosen, rejected)
-    assert_close(losses.mean(), trl_loss)
-    ours = {
-        "rewards/chosen": chosen.mean(),
-        "rewards/rejected": rejected.mean(),
-        "rewards/margins": margin.mean(),
-        "rewards/accuracies": correct.mean(),
-        "logps/chosen": pc.mean(),
-        "logps/rejected": pr.mean(),
-    }
-    for name, value in ours.items():
-        assert trl_metrics[name] == pytest.approx([value.item()], rel=1e-5), name
-
-
-def test_dpo_loss_label_smoothing_matches_trl_cdpo_formula():
-    """TRL 1.x dropped label smoothing from 'sigmoid'; its cDPO expression
-    -logsigmoid(beta*d)*(1-ls) - logsigmoid(-beta*d)*ls survives in 'aot_unpaired', where d is the difference
-    of the batch-sorted chosen and rejected log-ratios. With one pair per call the sort is the identity and
-    d = our logits, so each single-pair call must equal our per-example loss."""
-    g = torch.Generator().manual_seed(8)
-    pc, pr, rc, rr = (-torch.rand(5, generator=g) * 50 for _ in range(4))
-    beta, ls = 0.2, 0.15
-    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=beta, label_smoothing=ls)
-    for i in range(5):
-        one = [t[i : i + 1] for t in (pc, pr, rc, rr)]
-        trl_loss, _ = _trl_compute_loss("aot_unpaired", beta, ls, *one)
-        assert_close(losses[i], trl_loss)

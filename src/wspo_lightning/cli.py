@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from wspo_lightning.errors import InputError, TrainingStopped
+from wspo_lightning.errors import InputError, TrainingStopped, input_error_in
 
 # name -> (import path of `main(argv) -> int`, one line of help). The only upward references of the
 # package: the dispatcher names the programs built on everything else.
@@ -111,17 +111,6 @@ def _end_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def input_error_in(err: BaseException) -> InputError | None:
-    """The InputError `err` is or wraps: jsonargparse wraps errors raised while it instantiates classes."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, InputError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 if __name__ == "__main__":

@@ -20,3 +20,14 @@ class TrainingStopped(RuntimeError):
 
     The CLI prints it as one line and exits with code 1.
     """
+
+
+def input_error_in(err: BaseException) -> InputError | None:
+    """The InputError `err` is or wraps: jsonargparse wraps errors raised while it instantiates classes."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, InputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None

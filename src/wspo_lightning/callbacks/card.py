@@ -1,5 +1,5 @@
 """The model card (README.md) of an exported policy: what was trained from what, on what, how, to what end,
-and the command that made it. Read from the run itself: the module's specs and hyperparameters, the
+and the command that made it. Read from the run itself: the module's specs, hyperparameters and pair loss, the
 GammaSchedule callback, the data module's settings, the trainer's last metrics and LightningCLI's config."""
 
 from __future__ import annotations
@@ -90,8 +90,11 @@ def model_card(trainer: pl.Trainer, pl_module: pl.LightningModule, lora_note: st
     if gamma:
         rows.append(("gamma", gamma))
     hparams = dict(pl_module.hparams) if hasattr(pl_module, "hparams") else {}
-    for key in ("beta", "learning_rate", "warmup_ratio"):
-        if key in hparams and (key != "beta" or objective == "DPOModule"):
+    pair_loss = getattr(pl_module, "pair_loss", None)  # DPOModule's: the shorthand's beta or a loss block
+    if pair_loss is not None:
+        rows.append(("loss", f"`{pair_loss}`"))
+    for key in ("learning_rate", "warmup_ratio"):
+        if key in hparams:
             rows.append((key.replace("_", " "), f"{hparams[key]:g}"))
     if hparams.get("optimizer"):
         rows.append(("optimizer", f"`{_class_path(hparams['optimizer'])}`"))

@@ -11,21 +11,37 @@ from torch import Tensor
 from wspo_lightning import losses
 from wspo_lightning.errors import InputError
 from wspo_lightning.logprobs import response_logps
-from wspo_lightning.models import (
-    ModelSpec,
-)
+from wspo_lightning.losses import DPOLoss, PairLoss
+from wspo_lightning.models import ModelSpec
 from wspo_lightning.module.base import PreferenceModule, sequences, step_rows
 
 log = logging.getLogger(__name__)
 
 
+def shorthand_loss(beta: float | None, label_smoothing: float | None) -> DPOLoss:
+    """DPOModule's `beta` / `label_smoothing` shorthand as its loss (null: DPOLoss's defaults, 0.1 and 0)."""
+    beta = 0.1 if beta is None else beta
+    label_smoothing = 0.0 if label_smoothing is None else label_smoothing
+    if not (beta > 0 and beta != float("inf")):
+        raise InputError(f"model.beta must be a finite positive number, got {beta}")
+    if not 0 <= label_smoothing < 0.5:
+        raise InputError(f"model.label_smoothing must lie in [0, 0.5), got {label_smoothing}")
+    return DPOLoss(beta, label_smoothing)
+
+
 class DPOModule(PreferenceModule):
-    """Direct preference optimisation (sigmoid loss, TRL's numbers and metric names).
+    """Direct preference optimisation and its family (TRL's numbers and metric names).
 
     Args:
-        beta: strength of the implicit KL penalty.
-        label_smoothing: conservative DPO's assumed label-noise rate, in [0, 0.5).
+        beta: shorthand for ``loss: DPOLoss(beta, label_smoothing)``: the strength of the implicit KL penalty
+            (null: 0.1). Give it, or `loss`, not both.
+        label_smoothing: the shorthand's conservative-DPO label-noise rate, in [0, 0.5) (null: 0).
+        loss: the pair loss, a `wspo_lightning.losses.PairLoss` class_path / init_args block (DPOLoss,
+            RobustDPOLoss, HingeLoss, IPOLoss; each owns its beta and an optional sft_weight); null: the
+            shorthand's DPOLoss.
         Other arguments: see PreferenceModule.
+
+    ``pair_loss`` is the loss in use, whichever way it was given (the model card names it).
     """
 
     trains_on_pairs = True
@@ -44,8 +60,9 @@ class DPOModule(PreferenceModule):
         self,
         policy: ModelSpec,
         reference: ModelSpec | None = None,
-        beta: float = 0.1,
-        label_smoothing: float = 0.0,
+        beta: float | None = None,
+        label_smoothing: float | None = None,
+        loss: PairLoss | None = None,
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.1,
@@ -55,8 +72,20 @@ class DPOModule(PreferenceModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        if not (beta > 0 and beta != float("inf")):
-            raise InputError(f"model.beta must be a finite positive number, got {beta}")
+        shorthand = " and ".join(
+            f"model.{k}" for k, v in (("beta", beta), ("label_smoothing", label_smoothing)) if v is not None
+        )
+        if loss is not None and shorthand:
+            raise InputError(
+                f"{shorthand} and model.loss are both given: the loss owns its hyperparameters, so set them in "
+                f"model.loss's init_args and leave {shorthand} unset"
+            )
+        pair_loss = loss if loss is not None else shorthand_loss(beta, label_smoothing)
+        if loss is not None:
+            # save_hyperparameters reads this frame's `loss`: leave the loss's YAML block there, as LightningCLI's
+            # hparams hold it, not the module (checkpoints load with weights_only, which refuses pickled classes)
+            cls = type(loss)
+            loss = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": loss.init_args()}
         super().__init__(
             policy,
             reference,
@@ -69,6 +98,7 @@ class DPOModule(PreferenceModule):
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
         )
+        self.pair_loss = pair_loss  # no parameters: nothing added to checkpoints or to the optimizer
 
     def _step(self, batch: dict, split: str) -> dict[str, tuple[Tensor, Any]]:
         if "rejected_input_ids" not in batch:
@@ -78,15 +108,10 @@ class DPOModule(PreferenceModule):
         policy, mask = response_logps(self.policy, *rows)
         cached = self.cached(batch, split, sides, mask)  # {} without a cache
         reference = cached["reference"] if "reference" in cached else self.reference_logps(*rows)
-        policy_seq, reference_seq = losses.sequence_logps(policy, mask), losses.sequence_logps(reference, mask)
-        per_example, chosen_rewards, rejected_rewards = losses.dpo_loss(
-            policy_seq[:n],
-            policy_seq[n:],
-            reference_seq[:n],
-            reference_seq[n:],
-            beta=self.hparams.beta,
-            label_smoothing=self.hparams.label_smoothing,
+        per_example, chosen_rewards, rejected_rewards = self.pair_loss(
+            policy[:n], policy[n:], reference[:n], reference[n:], mask[:n], mask[n:]
         )
+        policy_seq = losses.sequence_logps(policy, mask).detach()  # [2n]
         margin, correct = losses.reward_margin(chosen_rewards, rejected_rewards)
         logratio = ((policy - reference) * mask).sum() / mask.sum().clamp(min=1)
         return {
@@ -95,8 +120,8 @@ class DPOModule(PreferenceModule):
             "rewards/rejected": (rejected_rewards, 1.0),
             "rewards/margins": (margin, 1.0),
             "rewards/accuracies": (correct, 1.0),
-            "logps/chosen": (policy_seq[:n].detach(), 1.0),
-            "logps/rejected": (policy_seq[n:].detach(), 1.0),
+            "logps/chosen": (policy_seq[:n], 1.0),
+            "logps/rejected": (policy_seq[n:], 1.0),
             "logratio/policy_reference": (logratio, mask.sum()),
         }
 
