@@ -24,13 +24,21 @@ def summary(target: Any) -> str:
     return " ".join(inspect.getdoc(target).split("\n\n")[0].split()) if inspect.getdoc(target) else ""
 
 
-def parse(target: Callable | type, argv: Sequence[str] | None, prog: str) -> dict[str, Any]:
-    """Keyword arguments for `target` (a function or a dataclass) from `argv` and `--config` files."""
+def parse(
+    target: Callable | type, argv: Sequence[str] | None, prog: str, extra_help: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Keyword arguments for `target` (a function or a dataclass) from `argv` and `--config` files.
+
+    `extra_help` appends text to a flag's help by argument name: what a docstring cannot hold because it is only
+    known at run time, such as the names of a registry."""
     parser = _parser(prog, summary(target))
     if is_dataclass(target):
         parser.add_class_arguments(target)
     else:
         parser.add_function_arguments(target, as_positional=False)
+    for action in parser._actions:  # argparse keeps no public handle on an added argument's help
+        if action.dest in (extra_help or {}):
+            action.help = f"{action.help or ''} {extra_help[action.dest]}".strip()
     cfg = parser.parse_args(list(argv or []))
     values = parser.instantiate_classes(cfg).as_dict()
     values.pop("config", None)

@@ -1,6 +1,7 @@
-"""`wspo generate`: answer the prompts of a JSONL file by plain sampling, proxy / EFT sampling,
-chunk-level beam search or best-of-N, write JSONL (prompt, completion, score, settings), and optionally report a
-gold reward. Flags and `--config gen.yaml` both work; `--print_config` shows the full config.
+"""`wspo generate`: answer the prompts of a JSONL file by a decoding method (plain sampling, proxy / EFT
+sampling, chunk-level beam search, best-of-N, or one of your own named by import path: `methods.py`), write
+JSONL (prompt, completion, score, settings), and optionally report a gold reward. Flags and `--config gen.yaml`
+both work; `--print_config` shows the full config.
 
 Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
 
@@ -16,7 +17,7 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
     prompts: tiny/val.jsonl
     # where to write one JSON line per prompt
     output: tiny/generations.jsonl
-    # sample | proxy | cbs | bon
+    # sample | proxy | cbs | bon, or the import path of a DecodingMethod (my_pkg.decoding.MyMethod)
     method: cbs
     # CBS: W beams kept, K continuations of L tokens sampled from each
     beam_width: 4
@@ -40,13 +41,13 @@ Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from wspo_lightning.commands import parse
+from wspo_lightning.decoding.methods import methods_help, resolve_method
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
 from wspo_lightning.io import read_jsonl, write_jsonl
@@ -70,9 +71,9 @@ class GenerateConfig:
     """Weak model before alignment (needed by proxy, cbs and bon)."""
     weak_aligned: ModelSpec | None = None
     """Weak model after alignment (needed by proxy, cbs and bon)."""
-    method: Literal["sample", "proxy", "cbs", "bon"] = "cbs"
-    """sample: the strong model alone; proxy: logits shifted by alpha * weak log-ratio; cbs: chunk-level beam search;
-    bon: best-of-N plain samples by the weak log-ratio."""
+    method: str = "cbs"
+    """How to decode: a name registered in `wspo_lightning.decoding.methods.METHODS`, or the import path of a
+    `DecodingMethod` subclass or instance (`my_pkg.decoding.MyMethod`, `my_pkg.decoding:mine`)."""
     beam_width: int = 4
     """CBS: W, beams kept per prompt."""
     num_continuations: int = 4
@@ -131,7 +132,14 @@ class GenerateConfig:
             raise InputError(f"generate: limit must be >= 1 or null, got {self.limit}")
         if (self.weak_base is None) != (self.weak_aligned is None):
             raise InputError("generate: weak_base and weak_aligned go together: give both or neither")
-        if self.method in ("proxy", "cbs", "bon") and self.weak_base is None:
+        method = resolve_method(self.method)  # a mistyped name or a bad import path fails before any model loads
+        unknown = sorted(set(method.options) - {f.name for f in fields(self)})
+        if unknown:
+            raise InputError(
+                f"generate: method {self.method} declares options that generate does not have: {unknown} "
+                "(`options` names GenerateConfig fields)"
+            )
+        if method.needs_weak_pair and self.weak_base is None:
             raise InputError(f"generate: method {self.method} needs weak_base and weak_aligned")
 
     def settings(self) -> dict:
@@ -150,14 +158,7 @@ class GenerateConfig:
             "chat_template": self.chat_template,
             "prompt_template": self.prompt_template,
         }
-        if self.method == "cbs":
-            out.update(
-                beam_width=self.beam_width, num_continuations=self.num_continuations, chunk_length=self.chunk_length
-            )
-        if self.method == "proxy":
-            out["alpha"] = self.alpha
-        if self.method == "bon":
-            out["best_of"] = self.best_of
+        out.update({name: getattr(self, name) for name in resolve_method(self.method).options})
         return out
 
 
@@ -171,7 +172,7 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """`wspo generate [--config gen.yaml] [--flag value ...]`; returns the exit code."""
-    generate(GenerateConfig(**parse(GenerateConfig, argv, "wspo generate")))
+    generate(GenerateConfig(**parse(GenerateConfig, argv, "wspo generate", extra_help={"method": methods_help()})))
     return 0
 
 
@@ -188,14 +189,15 @@ def generate(config: GenerateConfig) -> list[dict]:
             check_model_path(getattr(config, role), role)
     reward = load_reward(config.reward) if config.reward else None
     device = torch.device(resolve_device(config.device))
-    decoder = Decoder(config, device)
+    method = resolve_method(config.method)
+    decoder = Decoder(config, device, shared_vocabulary=method.needs_shared_vocabulary)
     settings = config.settings()
     out = []
     with tqdm(total=len(records), desc=f"generate ({config.method})", unit="prompt", dynamic_ncols=True) as bar:
         for first in range(0, len(records), config.batch_size):
             batch = records[first : first + config.batch_size]
             prompts = [r["prompt"] for r in batch]
-            generations = decoder(prompts)
+            generations = method.decode(decoder, prompts)
             rewards = (
                 reward(prompts, [g.completion for g in generations]) if reward is not None else [None] * len(batch)
             )

@@ -1,4 +1,4 @@
-"""Loads the models a `GenerateConfig` names and decodes batches of prompts with its method."""
+"""Loads the models a `GenerateConfig` names, once, and draws samples for the decoding methods."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from wspo_lightning.decoding.cbs import chunk_beam_search
 from wspo_lightning.decoding.proxy import proxy_sample
 from wspo_lightning.decoding.sampling import make_generator, response_tokens, truncate_at_stop
 from wspo_lightning.decoding.scorer import WeakPairScorer
@@ -34,9 +33,17 @@ class Generation:
 
 
 class Decoder:
-    """`decoder(prompts) -> [Generation per prompt]` for one config."""
+    """The models a config names, loaded once, and the sampling step the decoding methods share: a method
+    (`wspo_lightning.decoding.methods`) answers a batch with `method.decode(decoder, prompts)`.
 
-    def __init__(self, config, device: torch.device) -> None:
+    Args:
+        config: a `GenerateConfig`.
+        device: where the models run.
+        shared_vocabulary: check that the strong model and the weak pair share one vocabulary (a method that
+            mixes their logits token by token needs it).
+    """
+
+    def __init__(self, config, device: torch.device, shared_vocabulary: bool = False) -> None:
         self.config = config
         self.renderer = Renderer(
             load_tokenizer(config.strong), config.chat_template, config.prompt_template, name=config.strong.path
@@ -47,7 +54,7 @@ class Decoder:
         if config.weak_base is not None:
             weak_tokenizer = load_tokenizer(config.weak_base)
             check_same_vocabulary({"weak_base": weak_tokenizer, "weak_aligned": load_tokenizer(config.weak_aligned)})
-            if config.method == "proxy":  # per-token logits need one vocabulary
+            if shared_vocabulary:
                 check_same_vocabulary({"strong": self.tokenizer, "weak_base": weak_tokenizer})
             self.shared_vocab = weak_tokenizer.get_vocab() == self.tokenizer.get_vocab()
             weak_renderer = Renderer(
@@ -64,46 +71,21 @@ class Decoder:
         self.device = device
         self.generator = make_generator(config.seed, device)
 
-    def __call__(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        c = self.config
-        if c.method == "cbs":
-            results = chunk_beam_search(
-                self.strong,
-                self.renderer,
-                self.scorer.weak_aligned,
-                self.scorer.weak_base,
-                self.scorer.renderer,
-                prompts,
-                beam_width=c.beam_width,
-                num_continuations=c.num_continuations,
-                chunk_length=c.chunk_length,
-                max_new_tokens=c.max_new_tokens,
-                temperature=c.temperature,
-                top_p=c.top_p,
-                top_k=c.top_k,
-                eos_token_id=self.stop_ids,
-                stop_strings=c.stop,
-                generator=self.generator,
-                score_batch_size=c.batch_size,
-            )
-            return [Generation(r.completion, r.token_ids, r.score, r.finished, None) for r in results]
-        if c.method == "bon":
-            return self._best_of(prompts)
-        return self._sample(prompts)
-
-    def _draw(self, prompts: Sequence[Prompt], num_samples: int) -> list[Generation]:
+    def draw(self, prompts: Sequence[Prompt], num_samples: int, alpha: float | None = None) -> list[Generation]:
         """`num_samples` responses per prompt (rows prompt * num_samples + i), with weak scores when there is a
-        weak pair."""
+        weak pair. `alpha`: add alpha times the weak pair's log-ratio to the strong logits before each draw
+        (proxy / EFT; needs the weak pair); None: the strong model's own sampler."""
         c = self.config
         pad = self.renderer.pad_id
         input_ids, attention_mask = left_pad(self.renderer.prompt_ids(prompts), pad, self.device)
-        weak = (self.scorer.weak_aligned, self.scorer.weak_base) if c.method == "proxy" else (None, None)
+        steered = alpha is not None
+        weak = (self.scorer.weak_aligned, self.scorer.weak_base) if steered else (None, None)
         tokens, ended_at, logps = proxy_sample(
             self.strong,
             input_ids,
             attention_mask,
             *weak,
-            alpha=c.alpha if c.method == "proxy" else 0.0,
+            alpha=alpha if steered else 0.0,
             temperature=c.temperature,
             top_p=c.top_p,
             top_k=c.top_k,
@@ -132,13 +114,3 @@ class Decoder:
             Generation(truncate_at_stop(text, c.stop), ids, score, end, float(row_logps.sum()))
             for text, ids, score, end, row_logps in zip(texts, responses, scores, finished, logps)
         ]
-
-    def _sample(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        return self._draw(prompts, 1)
-
-    def _best_of(self, prompts: Sequence[Prompt]) -> list[Generation]:
-        """Best-of-N: N plain samples per prompt, the one with the highest weak-pair reward kept."""
-        n = self.config.best_of
-        drawn = self._draw(prompts, n)
-        best = [max(drawn[i * n : (i + 1) * n], key=lambda g: g.score) for i in range(len(prompts))]
-        return [Generation(g.completion, g.token_ids, g.score, g.finished, None) for g in best]

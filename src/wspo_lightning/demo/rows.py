@@ -73,15 +73,19 @@ class Rows:
         self.rows.append(EvalRow(name, str(scored), kl=kl))
 
     def decoded(self, name: str, method: str, strong: Path, baseline: str | None = None) -> None:
-        """`wspo generate` with `method` (proxy: untempered; sample, bon, cbs: the search's sampler), steered
-        by the weak pair; its paired difference is taken against `baseline` (default: the strong base)."""
+        """`wspo generate` with `method` steered by the weak pair; its paired difference is taken against
+        `baseline` (default: the strong base). A method whose weak pair steers the sampler (proxy) samples
+        untempered; the others (sample, bon, cbs) draw with the search's sampler, and a search keeps one of
+        W * K draws, as CBS."""
         from wspo_lightning.decoding.command import GenerateConfig, generate
+        from wspo_lightning.decoding.methods import resolve_method
 
         s = self.s
         raw, scored = self._files(name)
-        search = method != "proxy"
-        repeats = s.search_samples if method in ("bon", "cbs") else s.eval_samples
-        width = s.cbs_beam_width * s.cbs_continuations if method in ("bon", "cbs") else 1
+        decoding = resolve_method(method)
+        search_sampler = not decoding.steers_sampler
+        repeats = s.search_samples if decoding.search else s.eval_samples
+        width = s.cbs_beam_width * s.cbs_continuations if decoding.search else 1
         with self.timer(f"eval samples: {name}"):
             if not done("generate", raw, self.force):
                 prompts = raw.with_name(f"{raw.stem}.prompts.jsonl")
@@ -100,8 +104,8 @@ class Rows:
                         chunk_length=s.cbs_chunk_length,
                         best_of=width,
                         max_new_tokens=s.max_new_tokens,
-                        temperature=s.search_temperature if search else 1.0,
-                        top_k=s.search_top_k if search else 0,
+                        temperature=s.search_temperature if search_sampler else 1.0,
+                        top_k=s.search_top_k if search_sampler else 0,
                         seed=s.seed + 2,
                         batch_size=max(s.sample_batch_size // width, 1),
                     )
