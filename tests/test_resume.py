@@ -42,9 +42,10 @@ class HoldAt(pl.Callback):
             time.sleep(600)
 
 
-def _wspo(config: Path, *args: str) -> subprocess.Popen:
-    """`wspo fit --config config *args` in a subprocess; its stderr goes to `<config>.stderr`."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+def _wspo(config: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`wspo fit --config config *args` in a subprocess, with `env` added to the environment; its stderr goes
+    to `<config>.stderr`."""
+    env = {**os.environ, **(env or {}), "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     with open(config.with_suffix(".stderr"), "w") as stderr:  # a file, not a pipe nobody reads while waiting
         return subprocess.Popen(
             [sys.executable, "-m", "wspo_lightning.cli", "fit", "--config", str(config), *args],
@@ -104,6 +105,65 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_ends_bit_identical_to_an_uninterru
         assert sorted(a) == list(range(12)), metric
         assert {step: b[step] for step in range(6, 12)} == {step: a[step] for step in range(6, 12)}, metric
     assert by_step(tmp_path / "a", "train/wspo/gamma")[6] == pytest.approx(0.5 + 1.5 * 6 / 10)  # mid warm-up
+
+
+# ----------------------------------------------------------------------------- preemption under SLURM
+
+
+def test_a_slurm_preemption_saves_requeues_and_the_requeued_job_ends_as_an_uninterrupted_run(tiny_world, tmp_path):
+    """Under SLURM (its environment variables, and a stand-in `scontrol` on PATH), run B gets SLURM's
+    pre-emption signal (SIGUSR1) while it trains step 5: Lightning saves `hpc_ckpt_1.ckpt` in the run's folder
+    and asks `scontrol requeue JOB_ID`, then SLURM kills it. The requeued job is the same command, no
+    ckpt_path: it resumes from the hpc checkpoint and its steps 5..9 log run A's losses, step for step."""
+    settings = dict(max_steps=10, limit_val_batches=0)
+    config_a = fit_config(tiny_world, tmp_path / "a", **settings)
+    marker = tmp_path / "b_holding"
+    hold = {"class_path": "test_resume.HoldAt", "init_args": {"step": 5, "marker": str(marker)}}
+    config_b_hold = fit_config(tiny_world, tmp_path / "b", **settings, extra_callbacks=[hold], name="hold.yaml")
+    config_b = fit_config(tiny_world, tmp_path / "b", **settings)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    requeued = tmp_path / "scontrol_args"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {requeued}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_NTASKS_PER_NODE": "1",
+        "SLURM_JOB_NAME": "wspo-fit",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
+
+    run_b = _wspo(config_b_hold, env=slurm)
+    try:
+        run_a = run_cli(["fit", "--config", str(config_a)])
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert run_b.poll() is None, (tmp_path / "b" / "hold.stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "run B never reached step 5"
+            time.sleep(0.1)
+        run_b.send_signal(signal.SIGUSR1)
+        while not requeued.exists():
+            assert run_b.poll() is None, (tmp_path / "b" / "hold.stderr").read_text()[-3000:]
+            assert time.monotonic() < deadline, "run B never asked for a requeue"
+            time.sleep(0.1)
+    finally:
+        run_b.send_signal(signal.SIGKILL)  # as SLURM does once the job is requeued
+        run_b.wait()
+    assert requeued.read_text().split() == ["requeue", "4242"]
+    assert (tmp_path / "b" / "hpc_ckpt_1.ckpt").exists()
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in slurm.items():
+            patch.setenv(name, value)
+        run_b = run_cli(["fit", "--config", str(config_b)])
+    assert run_b.trainer.global_step == run_a.trainer.global_step == 10
+    a, b = by_step(tmp_path / "a"), by_step(tmp_path / "b")
+    assert sorted(a) == list(range(10)) and 5 in b, b
+    assert {step: b[step] for step in range(5, 10)} == pytest.approx({step: a[step] for step in range(5, 10)}, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- the loader's position

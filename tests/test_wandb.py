@@ -144,3 +144,38 @@ def test_workspace_panels_come_from_the_metric_names_a_fit_wrote(wandb_fit, caps
     assert wspo(["workspace", "--project", "wspo-test", "--metrics_csv", str(csv_path), "--save", "false"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["Loss"] == [p.y for p in by_title["Loss"].panels]
+
+
+def test_a_resumed_run_logs_into_the_w_and_b_run_it_started(tiny_world, tmp_path, monkeypatch, caplog):
+    """`--ckpt_path last` continues the W&B run of the checkpoint (its id kept by RunIdentity), unless the
+    user names another id, which wins with one warning line."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    logger = tmp_path / "wandb.yaml"
+    logger.write_text(
+        (ROOT / "configs" / "wandb_logger.yaml").read_text().replace("save_dir: runs", f"save_dir: {tmp_path / 'w'}")
+    )
+    config = tiny_config(tiny_world, tmp_path / "run", every_n_train_steps=2)
+    first = fit(config, "--config", str(logger), "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    started = first.trainer.loggers[1].version
+    wandb.finish()
+    resumed = fit(
+        config, "--config", str(logger), "--trainer.max_steps=4", "--trainer.limit_val_batches=0", "--ckpt_path=last"
+    )
+    assert resumed.trainer.global_step == 4 and resumed.trainer.loggers[1].version == started
+    wandb.finish()
+    runs = sorted((tmp_path / "w" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{started}") for run in runs)  # `wandb sync`: one run
+
+    chosen = tmp_path / "chosen.yaml"
+    chosen.write_text(
+        logger.read_text().replace("project: wspo-lightning", "project: wspo-lightning\n        id: mine1234")
+    )
+    other = fit(
+        config, "--config", str(chosen), "--trainer.max_steps=5", "--trainer.limit_val_batches=0", "--ckpt_path=last"
+    )
+    wandb.finish()
+    assert other.trainer.loggers[1].version == "mine1234"
+    assert f"resume: W&B run id 'mine1234' as given, not the checkpoint's {started!r}" in caplog.text

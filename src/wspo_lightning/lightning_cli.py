@@ -19,9 +19,16 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from wspo_lightning.data import PreferenceDataModule
-from wspo_lightning.errors import InputError
+from wspo_lightning.errors import InputError, input_error_in
 from wspo_lightning.module import PreferenceModule
-from wspo_lightning.resume import check_model_paths, fill_from_checkpoint, written_values
+from wspo_lightning.resume import (
+    check_model_paths,
+    checkpoint_metadata,
+    checkpoint_to_resume,
+    continue_runs,
+    fill_from_checkpoint,
+    written_values,
+)
 
 SUBCOMMANDS = ("fit", "validate", "test")
 
@@ -60,16 +67,28 @@ class WSPOLightningCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Replaces LightningCLI's, under which the checkpoint's hyperparameters overrode the config."""
-        import torch
-
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not (ckpt_path and Path(ckpt_path).is_file()):
+        if not (ckpt_path and Path(ckpt_path).exists()):
             return  # `last`, `hpc`: the config gives every value (the module warns where they differ)
-        # mmap: only the hyperparameters are read, not a 7B model's weights
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
+        hparams = checkpoint_metadata(ckpt_path).get("hyper_parameters")
         self.config = fill_from_checkpoint(self.parser, self.config, subcommand, hparams or {}, self.written)
         check_model_paths(self.config[subcommand], self.written, ckpt_path)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as err:  # a component's own check of its values (a loss's beta): the config's to fix
+            found = input_error_in(err)
+            if found is not None:
+                raise found from None
+            raise InputError(f"config: {parser_message(str(err))}") from err
+
+    def before_instantiate_classes(self) -> None:
+        if self.subcommand == "fit":  # a resumed or requeued run logs into the W&B run it started
+            checkpoint = checkpoint_to_resume(self.config.fit)
+            if checkpoint is not None:
+                continue_runs(self.config.fit, self.written, checkpoint_metadata(checkpoint))
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
@@ -150,15 +169,21 @@ def model_keys_hint(command: str | None = "fit") -> str:
 
 
 def add_fault_defaults(trainer) -> None:
-    """Atomic checkpoint writes and a NonFiniteGuard(action=stop), unless the config chose its own."""
+    """Atomic checkpoint writes, a NonFiniteGuard(action=stop), a RunIdentity (W&B run ids kept with the
+    checkpoints) and StepBoundaryCheckpoints (pre-emption checkpoints resume exactly), unless the config chose
+    its own."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
     from wspo_lightning.callbacks.faults import AtomicCheckpointIO, NonFiniteGuard
+    from wspo_lightning.callbacks.runs import RunIdentity, StepBoundaryCheckpoints
 
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default writer, not a user's
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if not any(isinstance(callback, NonFiniteGuard) for callback in trainer.callbacks):
         trainer.callbacks.append(NonFiniteGuard(action="stop"))
+    for kind in (RunIdentity, StepBoundaryCheckpoints):
+        if not any(isinstance(callback, kind) for callback in trainer.callbacks):
+            trainer.callbacks.append(kind())
 
 
 def check_last_is_findable(trainer) -> None:

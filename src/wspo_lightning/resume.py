@@ -12,6 +12,9 @@ that exists neither in the config nor in the checkpoint is an error naming the k
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from wspo_lightning.errors import InputError
 from wspo_lightning.models import local_folder
 
 MODEL = "model.init_args"
+log = logging.getLogger(__name__)
 
 
 def written_values(parser, args: Any, subcommand: str | None) -> Namespace:
@@ -99,3 +103,67 @@ def changed_hyperparameters(saved: dict, current: dict) -> list[str]:
             was, now = (old[key], new[key]) if key else (_plain(saved_value), _plain(current[name]))
             lines.append(f"resume: {key or f'{MODEL}.{name}'} = {now!r} as given, not the checkpoint's {was!r}")
     return lines
+
+
+def checkpoint_to_resume(config: Namespace) -> Path | None:
+    """The checkpoint file a fit of `config` (a subcommand's) resumes from, found as Lightning will find it:
+    `ckpt_path` FILE; `last`, the newest last*.ckpt of the config's ModelCheckpoint folders; `hpc`, or no
+    ckpt_path under SLURM, the newest hpc_ckpt_N.ckpt of the trainer's default_root_dir (a requeue)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    ckpt_path = config.get("ckpt_path")
+    if ckpt_path is None and SLURMEnvironment.detect():
+        ckpt_path = "hpc"
+    if ckpt_path == "hpc":
+        root = Path(config.get("trainer.default_root_dir") or os.getcwd())
+        numbered = {
+            int(m.group(1)): p for p in root.glob("hpc_ckpt_*.ckpt") if (m := re.match(r"hpc_ckpt_(\d+)$", p.stem))
+        }
+        return numbered[max(numbered)] if numbered else None
+    if ckpt_path == "last":
+        folders = [
+            Path(c.init_args.dirpath)
+            for c in config.get("trainer.callbacks") or []
+            if isinstance(c, Namespace)
+            and str(c.get("class_path", "")).endswith("ModelCheckpoint")
+            and c.get("init_args.dirpath")
+        ]
+        found = [p for folder in folders for p in folder.glob("last*.ckpt") if re.match(r"^last(-\d+)?$", p.stem)]
+        return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    return Path(ckpt_path) if ckpt_path and Path(ckpt_path).exists() else None
+
+
+def checkpoint_metadata(path: str | Path) -> dict:
+    """A checkpoint's dict without reading its weights: a file through mmap, a sharded (distributed) checkpoint
+    folder through its `meta.pt`, which holds everything but the tensors. {} for a folder without one."""
+    import torch
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "meta.pt"
+        if not path.is_file():
+            return {}
+    return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
+
+
+def continue_runs(config: Namespace, written: Namespace, checkpoint: dict) -> None:
+    """Each `WandbLogger` of `config` without an id of the user's continues the W&B run whose id `checkpoint`
+    holds (`RunIdentity`); a written id that differs gets one warning line and wins."""
+    saved = (checkpoint.get("callbacks") or {}).get("RunIdentity", {}).get("wandb_ids") or []
+    loggers = config.get("trainer.logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    wandb = [
+        lg for lg in loggers if isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")
+    ]
+    mine = written.get("trainer.logger")
+    mine = mine if isinstance(mine, list) else [mine]
+    mine_wandb = [
+        lg for lg in mine if isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")
+    ]
+    for i, (logger, run_id) in enumerate(zip(wandb, saved)):
+        given = mine_wandb[i] if i < len(mine_wandb) else Namespace()
+        chosen = given.get("init_args.id") or given.get("init_args.version")
+        if chosen is None:
+            logger.init_args.id = run_id
+        elif chosen != run_id:
+            log.warning("resume: W&B run id %r as given, not the checkpoint's %r: a new W&B run", chosen, run_id)

@@ -65,19 +65,19 @@ class GammaSchedule(pl.Callback):
             raise InputError("GammaSchedule.warmup_steps must be >= 0 and GammaSchedule.every >= 1")
         self.kind, self.value, self.start = kind, value, 0.0 if start is None else start
         self.warmup_steps, self.total_steps, self.every, self.factor = warmup_steps, total_steps, every, factor
+        self.active = True
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.value is None:  # the target: the module's gamma (before any schedule changed it)
-            gamma = pl_module.hparams.get("gamma")
-            if gamma is None:
-                raise InputError(
-                    f"GammaSchedule: {type(pl_module).__name__} has no gamma; set GammaSchedule.value or drop it"
-                )
-            self.value = float(gamma)
+        self.active = "gamma" in pl_module.hparams  # DPO and SFT have no gamma: the schedule has nothing to set
+        if not self.active and stage == "fit":
+            log.warning("GammaSchedule: %s has no gamma; the schedule does nothing", type(pl_module).__name__)
+        elif stage == "fit" and self.value is None:  # the target: the module's gamma (before a schedule changed it)
+            self.value = float(pl_module.hparams.gamma)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # validation before the first training batch logs the schedule's gamma too, not the module's default
-        pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
+        if self.active:
+            pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
 
     def gamma_at(self, step: int, total_steps: int | None = None) -> float:
         if self.value is None:
@@ -98,7 +98,8 @@ class GammaSchedule(pl.Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
+        if self.active:
+            pl_module.gamma = self.gamma_at(trainer.global_step, int(trainer.estimated_stepping_batches))
 
     def state_dict(self) -> dict[str, Any]:
         return {

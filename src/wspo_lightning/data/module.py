@@ -267,7 +267,13 @@ class PreferenceDataModule(pl.LightningDataModule):
         return ResumableDataLoader(features, position=position, **kwargs)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"train_position": self.train_position.state_dict()}
+        position = self.train_position.state_dict()
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            # A checkpoint taken inside a step (SLURM's pre-emption signal) has handed out that step's batch
+            # but not trained on it: resume with the batches the loop has processed, so none is skipped.
+            position["batches"] = min(position["batches"], trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        return {"train_position": position}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "train_position" in state_dict:
