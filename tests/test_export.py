@@ -3,6 +3,7 @@ float base (checked against base + B @ A * alpha / r computed apart), and no Hub
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pytest
@@ -97,23 +98,112 @@ class _Recorder:
         return lambda api, *args, **kwargs: self.calls.append((name, args, kwargs))
 
 
-def test_push_to_hub_is_off_by_default_and_calls_the_hub_only_when_asked(tiny_world, tmp_path, monkeypatch):
+def _with_export(config, **init_args):
+    data = yaml.safe_load(config.read_text())
+    for callback in data["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("HFExport"):
+            callback["init_args"].update(init_args)
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def _hub(monkeypatch, token="hf_test", unreachable=None, fail_upload=False):
+    """Stand-ins for the Hub: a login token, reachability, and HfApi calls recorded (or an upload that fails)."""
     import huggingface_hub
 
+    import wspo_lightning.models
+
     record = _Recorder()
-    for name in ("create_repo", "upload_folder"):
-        monkeypatch.setattr(huggingface_hub.HfApi, name, record(name))
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: token)
+    monkeypatch.setattr(wspo_lightning.models, "hub_unreachable", lambda: unreachable)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", record("create_repo"))
+    if fail_upload:
+
+        def refuse(api, *args, **kwargs):
+            raise OSError("503 Service Unavailable")
+
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", refuse)
+    else:
+        monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", record("upload_folder"))
+    return record
+
+
+def test_push_to_hub_is_off_by_default_and_calls_the_hub_only_when_asked(tiny_world, tmp_path, monkeypatch):
+    record = _hub(monkeypatch)
     fit(tiny_config(tiny_world, tmp_path / "off"), "--trainer.max_steps=1")
     assert record.calls == []
     with pytest.raises(InputError, match="hub_repo_id"):
         HFExport(push_to_hub=True)
-    config = tiny_config(tiny_world, tmp_path / "on")
-    data = yaml.safe_load(config.read_text())
-    for callback in data["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("HFExport"):
-            callback["init_args"].update(push_to_hub=True, hub_repo_id="me/tiny-wspo")
-    config.write_text(yaml.safe_dump(data))
+    config = _with_export(tiny_config(tiny_world, tmp_path / "on"), push_to_hub=True, hub_repo_id="me/tiny-wspo")
     fit(config, "--trainer.max_steps=1")
     assert [c[0] for c in record.calls] == ["create_repo", "upload_folder"]
     assert record.calls[1][2]["folder_path"] == str(tmp_path / "on" / "export")
     assert record.calls[1][2]["repo_id"] == "me/tiny-wspo" and record.calls[0][2]["private"] is True
+
+
+@pytest.mark.parametrize(
+    "token, unreachable, said",
+    [
+        (None, None, "no Hugging Face login to push me/tiny-wspo with: run `hf auth login`"),
+        ("hf_test", "HF_HUB_OFFLINE is set", r"the Hub cannot be reached \(HF_HUB_OFFLINE is set\)"),
+    ],
+    ids=["no-login", "offline"],
+)
+def test_push_to_hub_without_login_or_hub_fails_in_one_line_before_training(
+    tiny_world, tmp_path, monkeypatch, capsys, token, unreachable, said
+):
+    from wspo_lightning.cli import main
+
+    record = _hub(monkeypatch, token=token, unreachable=unreachable)
+    config = _with_export(tiny_config(tiny_world, tmp_path), push_to_hub=True, hub_repo_id="me/tiny-wspo")
+    assert main(["fit", "--config", str(config), "--trainer.max_steps=1"]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wspo:")]
+    assert re.search(said, line) and "wspo push DIR --hub_repo_id" in line
+    assert record.calls == [] and not (tmp_path / "checkpoints").exists()  # no step was trained
+
+
+def test_a_failed_upload_is_one_line_with_the_retry_command_which_then_pushes(
+    tiny_world, tmp_path, monkeypatch, capsys
+):
+    from wspo_lightning.cli import main
+
+    _hub(monkeypatch, fail_upload=True)
+    config = _with_export(tiny_config(tiny_world, tmp_path), push_to_hub=True, hub_repo_id="me/tiny-wspo")
+    assert main(["fit", "--config", str(config), "--trainer.max_steps=1"]) == 2
+    export = tmp_path / "export"
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("wspo:")]
+    assert "503 Service Unavailable" in line
+    assert line.endswith(f"retry with: wspo push {export} --hub_repo_id me/tiny-wspo")
+    assert (export / "model.safetensors").exists()  # the trained export is kept
+
+    record = _hub(monkeypatch)
+    assert main(["push", str(export), "--hub_repo_id", "me/tiny-wspo"]) == 0
+    assert [c[0] for c in record.calls] == ["create_repo", "upload_folder"]
+    assert record.calls[1][2]["folder_path"] == str(export)
+
+
+def test_the_export_dtype_follows_the_training_precision_unless_given(tiny_world, tmp_path):
+    from wspo_lightning.callbacks.export import export_dtype
+
+    float_model = torch.nn.Linear(2, 2)
+    assert export_dtype(None, "bf16-mixed", float_model) == torch.bfloat16  # not the float32 master weights
+    assert export_dtype(None, "bf16-true", float_model) == torch.bfloat16
+    assert export_dtype(None, "16-mixed", float_model) == torch.float16
+    assert export_dtype(None, "32-true", float_model) == torch.float32
+    assert export_dtype(None, "32-true", float_model.to(torch.bfloat16)) == torch.bfloat16
+    assert export_dtype("float32", "bf16-mixed", float_model) == torch.float32
+
+    config = _with_export(tiny_config(tiny_world, tmp_path), dtype="bfloat16", base_model="org/tiny-base")
+    cli = fit(config, "--trainer.max_steps=1")
+    export = tmp_path / "export"
+    weights = load_file(str(export / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    trained = {name: p for name, p in cli.model.policy.state_dict().items()}
+    assert all(p.dtype == torch.float32 for p in trained.values())  # the module itself was not cast
+    for name, tensor in weights.items():
+        assert torch.equal(tensor, trained[name].to(torch.bfloat16)), name
+    assert '"dtype": "bfloat16"' in (export / "config.json").read_text()
+    card = (export / "README.md").read_text()
+    assert "base_model: org/tiny-base" in card and "| weights | bfloat16 |" in card
+    with pytest.raises(InputError, match="HFExport.dtype must be one of float32, bfloat16, float16"):
+        HFExport(dtype="int8")

@@ -92,34 +92,41 @@ def local_folder(path: str) -> Path | None:
     return folder if looks_local else None
 
 
-def check_hub_model(spec: ModelSpec, role: str, filename: str = "config.json") -> None:
-    """A Hub id loads from the local cache, or from a Hub that answers: else one line with the command that
-    downloads it, at once (offline, transformers would retry for about a minute before its own error)."""
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached from here (offline mode, or no connection to its endpoint
+    within 5 s), or None. Behind a proxy nothing is tried: the proxy decides."""
     import os
     import socket
     from urllib.parse import urlparse
 
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import constants
 
-    wanted = spec.gguf_file or filename
-    if isinstance(try_to_load_from_cache(spec.path, wanted, revision=spec.revision), str):
-        return
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
     endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE") == "1" else None
-    proxied = any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if reason is None and proxied:
-        return  # the Hub is reached through the proxy: a direct connection says nothing
-    if reason is None:
-        try:
-            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
-            return
-        except OSError as err:
-            reason = f"{endpoint.hostname} cannot be reached: {err.strerror or err}"
-    raise InputError(
-        f"{role}.path: {spec.path} is not a local folder, so it was read as a Hugging Face Hub id; it is not in "
-        f"the local cache and {reason}. Download it where the Hub is reachable: `hf download {spec.path} "
-        "--local-dir DIR`, then set the path to DIR."
-    )
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as err:
+        return f"{endpoint.hostname} cannot be reached: {err.strerror or err}"
+    return None
+
+
+def check_hub_model(spec: ModelSpec, role: str, filename: str = "config.json") -> None:
+    """A Hub id loads from the local cache, or from a Hub that answers: else one line with the command that
+    downloads it, at once (offline, transformers would retry for about a minute before its own error)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(spec.path, spec.gguf_file or filename, revision=spec.revision), str):
+        return
+    reason = hub_unreachable()
+    if reason is not None:
+        raise InputError(
+            f"{role}.path: {spec.path} is not a local folder, so it was read as a Hugging Face Hub id; it is not "
+            f"in the local cache and {reason}. Download it where the Hub is reachable: `hf download {spec.path} "
+            "--local-dir DIR`, then set the path to DIR."
+        )
 
 
 def check_model_path(spec: ModelSpec, role: str) -> None:

@@ -76,8 +76,15 @@ def _data_rows(datamodule: Any) -> list[tuple[str, str]]:
     return rows
 
 
-def model_card(trainer: pl.Trainer, pl_module: pl.LightningModule, lora_note: str | None) -> str:
-    """README.md text for the export of `pl_module.policy` after `trainer.fit`."""
+def model_card(
+    trainer: pl.Trainer,
+    pl_module: pl.LightningModule,
+    lora_note: str | None,
+    base_model: str | None = None,
+    dtype: Any = None,
+) -> str:
+    """README.md text for the export of `pl_module.policy` after `trainer.fit`. `base_model`: the card's Hub id
+    of the base (default: the policy's path when it is one); `dtype`: the exported weights' dtype."""
     objective = type(pl_module).__name__
     spec = getattr(pl_module, "policy_spec", None)
     base = spec.path if spec is not None else "unknown"
@@ -102,11 +109,14 @@ def model_card(trainer: pl.Trainer, pl_module: pl.LightningModule, lora_note: st
         rows.append(("LoRA", lora_note))
     rows += _data_rows(trainer.datamodule)
     rows.append(("trained", f"{trainer.global_step} optimizer steps"))
+    if dtype is not None:
+        rows.append(("weights", str(dtype).removeprefix("torch.")))
+    hub_base = base_model or (base if spec is not None and is_hub_id(base) else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     lines = [
         "---",
         "library_name: transformers",
-        *([f"base_model: {base}"] if spec is not None and is_hub_id(base) else []),
+        *([f"base_model: {hub_base}"] if hub_base else []),
         "tags: [wspo-lightning, weak-to-strong, " + objective.removesuffix("Module").lower() + "]",
         "---",
         "",

@@ -4,6 +4,7 @@ onto a full-precision base when it was trained as LoRA over a quantized one, and
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -77,13 +78,81 @@ def adapter_on_float_base(policy: torch.nn.Module, spec, gathered: dict | None =
 
 
 def push_folder(folder: Path, repo_id: str, private: bool) -> None:
-    """Upload an export to a Hub model repository (created if missing)."""
+    """Upload an export to a Hub model repository (created if missing); a failure is one line saying how to
+    retry (the folder stays as it is)."""
     from huggingface_hub import HfApi
 
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="wspo-lightning export")
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="wspo-lightning export")
+    except Exception as err:  # noqa: BLE001 - network, auth and Hub errors alike: the export is safe on disk
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        raise InputError(
+            f"pushing {folder} to the Hub as {repo_id} failed ({reason}). The export is complete on disk; retry "
+            f"with: wspo push {folder} --hub_repo_id {repo_id}"
+        ) from None
     log.info("pushed %s to the Hub as %s", folder, repo_id)
+
+
+def check_can_push(repo_id: str) -> None:
+    """Before training: a push at the end needs a login (a token) and a reachable Hub; else one line now."""
+    from huggingface_hub import get_token
+
+    from wspo_lightning.models import hub_unreachable
+
+    if get_token() is None:
+        raise InputError(
+            f"HFExport.push_to_hub: no Hugging Face login to push {repo_id} with: run `hf auth login` (or set "
+            "HF_TOKEN), or set push_to_hub: false and push the export later with `wspo push DIR --hub_repo_id ID`"
+        )
+    reason = hub_unreachable()
+    if reason is not None:
+        raise InputError(
+            f"HFExport.push_to_hub: the Hub cannot be reached ({reason}). Set push_to_hub: false and push the "
+            f"export later with `wspo push DIR --hub_repo_id {repo_id}`"
+        )
+
+
+def push(dir: str, hub_repo_id: str, hub_private: bool = True) -> None:
+    """Upload an export folder (HFExport's, or any `save_pretrained` folder) to a Hub model repository: the push
+    HFExport does at the end of fit, or its retry.
+
+    Args:
+        dir: the folder to upload.
+        hub_repo_id: e.g. me/qwen2-7b-wspo (created if missing).
+        hub_private: create the repository private.
+    """
+    folder = Path(dir)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"push: {folder} holds no config.json; give an export folder (HFExport's dirpath)")
+    check_can_push(hub_repo_id)
+    push_folder(folder, hub_repo_id, hub_private)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`wspo push DIR --hub_repo_id ID [--hub_private false]`."""
+    from wspo_lightning.commands import run_function
+
+    argv = list(argv or [])
+    if argv and not argv[0].startswith("-"):  # the folder, given first without its flag
+        argv = ["--dir", argv[0], *argv[1:]]
+    return run_function(push, argv, "wspo push")
+
+
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_dtype(dtype: str | None, precision: str, model: torch.nn.Module) -> torch.dtype:
+    """The dtype an export is written in: `dtype` when given; else the training precision's (bf16 runs in
+    bfloat16, fp16 runs in float16), else the dtype the policy's weights have."""
+    if dtype is not None:
+        return EXPORT_DTYPES[dtype]
+    if "bf16" in precision:
+        return torch.bfloat16
+    if precision.startswith("16"):
+        return torch.float16
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 class HFExport(pl.Callback):
@@ -99,7 +168,11 @@ class HFExport(pl.Callback):
         dirpath: output folder; None means `<trainer.log_dir>/hf_model`.
         merge_lora: fold LoRA adapters into the weights (a plain model); else save the adapter only. A
             quantized (QLoRA) base is reloaded in its float dtype for the merge.
-        push_to_hub: also upload the folder to the Hub repository `hub_repo_id` (needs a login).
+        dtype: the weights' dtype in the export (float32 | bfloat16 | float16); null: the training precision's
+            (bfloat16 for bf16 runs, whose float32 master weights would double the size), else the policy's.
+        base_model: the model card's `base_model` (a Hub id); null: the policy's path when it is a Hub id.
+        push_to_hub: also upload the folder to the Hub repository `hub_repo_id`: the login and the Hub are
+            checked before training; a failed upload says how to retry (`wspo push DIR --hub_repo_id ID`).
         hub_repo_id: e.g. "me/qwen2-7b-wspo".
         hub_private: create the repository private.
     """
@@ -108,15 +181,23 @@ class HFExport(pl.Callback):
         self,
         dirpath: str | None = None,
         merge_lora: bool = True,
+        dtype: str | None = None,
+        base_model: str | None = None,
         push_to_hub: bool = False,
         hub_repo_id: str | None = None,
         hub_private: bool = True,
     ) -> None:
         if push_to_hub and not hub_repo_id:
             raise InputError("HFExport.push_to_hub needs hub_repo_id (e.g. me/my-model)")
+        if dtype is not None and dtype not in EXPORT_DTYPES:
+            raise InputError(f"HFExport.dtype must be one of {', '.join(EXPORT_DTYPES)} or null, got {dtype!r}")
         self.dirpath = dirpath
-        self.merge_lora = merge_lora
+        self.merge_lora, self.dtype, self.base_model = merge_lora, dtype, base_model
         self.push_to_hub, self.hub_repo_id, self.hub_private = push_to_hub, hub_repo_id, hub_private
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.push_to_hub and trainer.is_global_zero:
+            check_can_push(self.hub_repo_id)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         out = Path(self.dirpath or Path(trainer.log_dir or trainer.default_root_dir) / "hf_model")  # every rank
@@ -144,11 +225,20 @@ class HFExport(pl.Callback):
                 policy = policy.merge_and_unload()
                 lora_note = f"merged onto the {spec.dtype} base" if quantized else "merged into the weights"
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
+        dtype = None if hasattr(policy, "peft_config") else export_dtype(self.dtype, str(trainer.precision), policy)
+        if dtype is not None and state_dict is None:  # a cast copy of the tensors: the trained module stays as it is
+            state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in policy.state_dict().items()}
+        card = model_card(trainer, pl_module, lora_note, base_model=self.base_model, dtype=dtype)
         with atomic_path(out) as tmp:  # a run killed mid-write leaves the previous export (or none), never half a one
             policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+            if dtype is not None:  # save_pretrained writes the module's dtype: name the one the weights are in
+                config = json.loads((tmp / "config.json").read_text())
+                (tmp / "config.json").write_text(
+                    json.dumps({**config, "dtype": str(dtype).removeprefix("torch.")}, indent=2) + "\n"
+                )
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / "README.md").write_text(model_card(trainer, pl_module, lora_note), encoding="utf-8")
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             config = resolved_config(trainer)
             if config is not None:
                 (tmp / CONFIG_NAME).write_text(config, encoding="utf-8")
