@@ -244,6 +244,26 @@ def test_wspo_demo_command_passes_preset_and_overrides(monkeypatch, tmp_path):
     assert settings.n_train_prompts == PRESETS["quick"].n_train_prompts
 
 
+@pytest.mark.parametrize(
+    "flags, preset",
+    [
+        ([], "full"),
+        (["--quick"], "quick"),
+        (["--quick", "true"], "quick"),
+        (["--quick=true"], "quick"),
+        (["--quick", "false"], "full"),
+        (["--quick", "--quick=false"], "full"),
+    ],
+)
+def test_wspo_demo_quick_flag_picks_the_preset_under_the_settings_flags(monkeypatch, flags, preset):
+    seen = []
+    monkeypatch.setattr(command, "run_demo", lambda *args: seen.append(args))
+    assert command.main([*flags, "--force", "--settings.proxy_row", "--settings.seed", "3"]) == 0
+    (_, quick, force, _, _, _, settings), expected = seen[0], PRESETS[preset]
+    assert (quick, force) == (preset == "quick", True)
+    assert (settings.n_train_prompts, settings.proxy_row, settings.seed) == (expected.n_train_prompts, True, 3)
+
+
 def _row(name: str, rewards: list[float]) -> list[dict]:
     return [{"id": f"p{i}", "prompt": "p", "response": "r", "reward": r} for i, r in enumerate(rewards)]
 

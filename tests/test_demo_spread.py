@@ -45,6 +45,16 @@ def test_spread_tabulates_each_seed_with_mean_and_range(tmp_path):
     assert "| seed 0 | seed 1 | seed 2 |" in table.splitlines()[0]
 
 
+def test_spread_command_takes_the_runs_one_by_one_and_prints_the_table(tmp_path, capsys):
+    for seed in range(3):
+        write_run(tmp_path / f"s{seed}", seed, {"wspo": 0.1 * seed})
+    runs = [str(tmp_path / f"s{seed}") for seed in range(3)]
+    assert wspo(["demo-spread", *runs, "--out", str(tmp_path / "seeds.md")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "seeds.md").read_text() == demo_spread(runs) + "\n"
+    assert "| seed 0 | seed 1 | seed 2 |" in printed
+
+
 def test_spread_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, capsys):
     write_run(tmp_path / "a", 0, {"wspo": 0.3})
     write_run(tmp_path / "b", 1, {"wspo": 0.1}, gammas=[1.0, 3.0])

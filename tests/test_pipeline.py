@@ -20,7 +20,7 @@ from wspo_lightning.pipeline.pairs import make_pairs, pairs
 from wspo_lightning.pipeline.sample import sample
 from wspo_lightning.pipeline.score import score
 from wspo_lightning.render import Renderer
-from wspo_lightning.tiny import build_tokenizer, write_tiny_model
+from wspo_lightning.tiny import build_tiny_model, build_tokenizer, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,22 @@ def test_truncate_keeps_the_listed_layers_renumbered(tiny_strong):
     assert model.config.num_hidden_layers == 1
     with pytest.raises(InputError, match="layers must pick"):
         truncate(load_model(ModelSpec(str(tiny_strong))), 5)
+
+
+def test_truncate_cuts_the_block_stack_wherever_the_architecture_keeps_it():
+    from torch import nn
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    gpt2 = build_tiny_model("gpt2", build_tokenizer(), num_layers=3)
+    opt = AutoModelForCausalLM.from_config(
+        OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=32, num_hidden_layers=3, num_attention_heads=2)
+    )
+    for model, stack in ((gpt2, gpt2.transformer.h), (opt, opt.model.decoder.layers)):
+        last = stack[2]
+        truncate(model, [0, 2])
+        assert len(stack) == 2 and stack[1] is last and model.config.num_hidden_layers == 2
+    with pytest.raises(InputError, match="cannot find the decoder layers of Sequential"):
+        truncate(nn.Sequential(nn.Linear(2, 2)), 1)
 
 
 def test_stage_commands_parse_flags_through_wspo(tiny_strong, prompts, tmp_path):

@@ -220,3 +220,20 @@ def test_strategy_yamls_build_lightnings_strategies(name, strategy):
         assert type(built).__name__ == strategy
     if name == "fsdp":
         assert built.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+
+
+def test_decoder_layers_are_the_blocks_transformers_keeps_whole_also_inside_peft():
+    from peft import LoraConfig, get_peft_model
+    from torch import nn
+
+    from wspo_lightning.strategies import decoder_layers
+    from wspo_lightning.tiny import build_tiny_model, build_tokenizer
+
+    llama = build_tiny_model("llama", build_tokenizer(), num_layers=3)
+    blocks = list(llama.model.layers)
+    assert decoder_layers(llama) == blocks
+    wrapped = get_peft_model(llama, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(wrapped) == blocks
+    gpt2 = build_tiny_model("gpt2", build_tokenizer(), num_layers=2)
+    assert decoder_layers(gpt2) == list(gpt2.transformer.h)
+    assert decoder_layers(nn.Sequential(nn.Linear(2, 2))) == []

@@ -24,12 +24,14 @@ from wspo_lightning.errors import InputError
 log = logging.getLogger(__name__)
 
 
-def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
-    """The model's decoder-layer classes, named by transformers' `_no_split_modules` (also inside peft)."""
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of a transformers model, in order: the modules of the classes its `_no_split_modules`
+    names (the units transformers never splits between devices), found inside wrappers such as peft's too; [] when
+    it names none. FSDP2 shards each block as a unit; `wspo distill` keeps some of them."""
     names: set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return {type(m) for m in model.modules() if type(m).__name__ in names}
+    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def data_parallel_mesh(device_mesh):
@@ -58,7 +60,7 @@ def shard_policy(
     if precision is not None and precision.startswith("bf16-mixed"):
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     packed = check_quantized_shardable(model, kwargs.get("mp_policy"))
-    layers = decoder_layers(model)
+    layers = _shard_units(model)
     names = ", ".join(sorted({type(m).__name__ for m in layers}))  # before fully_shard renames their classes
     for layer in layers:
         fully_shard(layer, **kwargs)
@@ -73,11 +75,12 @@ def shard_policy(
     return model
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    classes = decoder_layer_classes(model)
-    if not classes:
+def _shard_units(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks FSDP2 shards one by one; a model that names none is sharded as one unit, with a warning."""
+    layers = decoder_layers(model)
+    if not layers:
         log.warning("%s names no decoder layers (_no_split_modules): FSDP2 shards it as one unit", type(model).__name__)
-    return [m for m in model.modules() if type(m) in classes]
+    return layers
 
 
 FrozenPlacement = Literal["replicate", "shard", "offload"]
@@ -100,7 +103,7 @@ def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Mod
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
     name = type(model).__name__
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    units = decoder_layers(model) + [embeddings]
+    units = _shard_units(model) + [embeddings]
     if head is not None and head.weight is not embeddings.weight:  # a tied lm_head is gathered with the root
         units.append(head)
     for unit in units:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 from pathlib import Path
 
+from wspo_lightning.commands import parse
 from wspo_lightning.errors import InputError
 from wspo_lightning.io import atomic_path
 
@@ -57,7 +57,12 @@ def spread_table(runs: list[tuple[Path, dict, list[dict]]]) -> str:
 
 
 def demo_spread(folders: list[str], out: str | None = None) -> str:
-    """Compare finished demo runs that differ only in their seed; write the table to `out` if given."""
+    """Compare finished demo runs that differ only in their seed; write the table to `out` if given.
+
+    Args:
+        folders: finished `wspo demo --out` folders, the first one is the reference.
+        out: also write the table to this markdown file.
+    """
     if len(folders) < 2:
         raise InputError("demo-spread: give at least two `wspo demo --out` folders (runs with different seeds)")
     runs = [(Path(f), *load_run(Path(f))) for f in folders]
@@ -77,12 +82,6 @@ def demo_spread(folders: list[str], out: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`wspo demo-spread RUN RUN [RUN ...] [--out FILE.md]`."""
-    from jsonargparse import ArgumentParser
-
-    parser = ArgumentParser(prog="wspo demo-spread", description=demo_spread.__doc__, exit_on_error=False)
-    parser.add_argument("folders", nargs="+", help="finished `wspo demo --out` folders, the first one is the reference")
-    parser.add_argument("--out", default=None, help="also write the table to this markdown file")
-    cfg = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    print(demo_spread(cfg.folders, cfg.out))
+    """`wspo demo-spread RUN RUN [RUN ...] [--out FILE.md]`: print the table."""
+    print(demo_spread(**parse(demo_spread, argv, "wspo demo-spread", positional=["folders"])))
     return 0

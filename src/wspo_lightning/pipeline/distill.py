@@ -27,23 +27,22 @@ from wspo_lightning.logprobs import IGNORE_INDEX, response_start, right_pad
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
 from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
+from wspo_lightning.strategies import decoder_layers
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of decoder blocks of a causal LM (Llama/Qwen2/Mistral style or GPT-2 style)."""
-    for path in ("model.layers", "transformer.h", "gpt_neox.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, nn.ModuleList):
-            return obj
+def decoder_stack(model: nn.Module) -> nn.ModuleList:
+    """The list that holds a causal LM's decoder blocks (`strategies.decoder_layers`), cut in place by `truncate`."""
+    layers = decoder_layers(model)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and list(module) == layers:
+            return module
     raise InputError(f"distill: cannot find the decoder layers of {type(model).__name__}")
 
 
 def truncate(model: nn.Module, layers: int | list[int]) -> nn.Module:
     """Keep some decoder blocks (in place): the first `layers` ones, or those at the listed indices
     (e.g. [0, 1, 2, 28, 29]: the first and last blocks work better together than the first alone)."""
-    blocks = decoder_layers(model)
+    blocks = decoder_stack(model)
     keep = list(range(layers)) if isinstance(layers, int) else sorted(set(layers))
     if not keep or keep[0] < 0 or keep[-1] >= len(blocks):
         raise InputError(f"distill: layers must pick from the {len(blocks)} decoder layers, got {layers}")
