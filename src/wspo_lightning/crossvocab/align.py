@@ -52,6 +52,18 @@ def place(
     A weak token lands on the first policy token whose end is at or after its own end (ends clamped as
     `_ends` says); weak tokens ending at the same character land in turn on policy tokens ending there
     (the bytes of one character split alike map one to one). The weak end-of-turn lands on the policy's.
+
+    The response "low tide": the policy reads "low" (characters 0-3), " tide" (3-8) and its end-of-turn
+    (None); the weak pair reads "lo", "w t", "ide" and its own end-of-turn. "lo" ends at character 2, inside
+    "low"; "w t" ends at 5 and "ide" at 8, both inside " tide"; the end-of-turn lands on the end-of-turn:
+
+    >>> place([(0, 3), (3, 8), None], [(0, 2), (2, 5), (5, 8), None], "low tide", cut=False)
+    [0, 1, 1, 2]
+
+    Cut after "low", the policy keeps one token and no end-of-turn; only "lo" ends within it:
+
+    >>> place([(0, 3)], [(0, 2), (2, 5), (5, 8), None], "low tide", cut=True)
+    [0]
     """
     (policy_spans, policy_eot), (weak_spans, weak_eot) = _split(policy, "policy"), _split(weak, "weak")
     if not cut:

@@ -51,6 +51,22 @@ def to_policy_tokens(weak_values: Tensor, weak_labels: Tensor, weak_map: Tensor,
     Returns:
         [rows, T'] float: each policy response token holds the sum of the weak values landed on it, 0
         elsewhere; each row sums to its weak values' sum.
+
+    Row 0 is "low tide" of `align.place`'s example: four weak tokens (after a one-token weak prompt) land
+    on the policy tokens [0, 1, 1, 2], so " tide" gets -1.0 + 0.25 = -0.75. Row 1 is the same response cut
+    after "low": one weak token, on the policy's one token.
+
+    >>> import torch
+    >>> weak_labels = torch.tensor([[-100, 21, 22, 23, 2], [-100, 21, -100, -100, -100]])  # [rows, Lw]
+    >>> weak_values = torch.tensor([[0.5, -1.0, 0.25, 2.0], [0.5, 0.0, 0.0, 0.0]])  # [rows, Tw'] = [2, 4]
+    >>> weak_map = torch.tensor([[0, 1, 1, 2], [0, NO_TOKEN, NO_TOKEN, NO_TOKEN]])
+    >>> policy_mask = torch.tensor([[True, True, True], [True, False, False]])  # [rows, T'] = [2, 3]
+    >>> mapped = to_policy_tokens(weak_values, weak_labels, weak_map, policy_mask)
+    >>> mapped
+    tensor([[ 0.5000, -0.7500,  2.0000],
+            [ 0.5000,  0.0000,  0.0000]])
+    >>> mapped.sum(dim=1), weak_values.sum(dim=1)  # per-response sums kept
+    (tensor([1.7500, 0.5000]), tensor([1.7500, 0.5000]))
     """
     weak_mask = response_mask(weak_labels)  # [rows, Tw'], the weak response tokens in order
     landed = weak_map != NO_TOKEN  # [rows, Nw]

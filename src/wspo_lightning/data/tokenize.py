@@ -100,7 +100,37 @@ def collate(features: Sequence[dict], pad_token_id: int, weak_pad_token_id: int 
     for side chosen (and rejected when every feature has one, padded to the same length), `index`
     [batch] and `ids` (list of str). Labels are the input ids with IGNORE_INDEX on prompt and padding.
     Features with a weak side (`crossvocab.add_weak_features`) add the same keys prefixed `weak_` for the
-    weak pair's rows (padded with `weak_pad_token_id`) and `weak_{side}_map` (`crossvocab.pad_maps`)."""
+    weak pair's rows (padded with `weak_pad_token_id`) and `weak_{side}_map` (`crossvocab.pad_maps`).
+
+    Two features, pad id 0. Each row is prompt + response; the longest row of either side (b's rejected,
+    1 + 5 tokens) sets one length for both sides:
+
+    >>> features = [
+    ...     {"index": 0, "id": "a", "prompt_ids": [5, 6], "chosen_ids": [7, 8, 2], "rejected_ids": [9, 2]},
+    ...     {"index": 1, "id": "b", "prompt_ids": [5], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 9, 9, 2]},
+    ... ]
+    >>> batch = collate(features, pad_token_id=0)
+    >>> batch["chosen_input_ids"]
+    tensor([[5, 6, 7, 8, 2, 0],
+            [5, 7, 2, 0, 0, 0]])
+    >>> batch["chosen_attention_mask"]
+    tensor([[1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 0, 0, 0]])
+    >>> batch["chosen_labels"]  # the response ids; -100 (IGNORE_INDEX) on prompt and padding
+    tensor([[-100, -100,    7,    8,    2, -100],
+            [-100,    7,    2, -100, -100, -100]])
+    >>> batch["rejected_labels"]
+    tensor([[-100, -100,    9,    2, -100, -100],
+            [-100,    8,    9,    9,    9,    2]])
+    >>> batch["index"], batch["ids"]
+    (tensor([0, 1]), ['a', 'b'])
+
+    One feature without a rejected response: the batch has the chosen side alone.
+
+    >>> features[1]["rejected_ids"] = None
+    >>> sorted(collate(features, pad_token_id=0))
+    ['chosen_attention_mask', 'chosen_input_ids', 'chosen_labels', 'ids', 'index']
+    """
     sides = ["chosen", "rejected"] if all(f["rejected_ids"] is not None for f in features) else ["chosen"]
     batch = _pad_sides(features, sides, "", pad_token_id)
     if "weak_prompt_ids" in features[0]:

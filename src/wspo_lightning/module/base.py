@@ -69,6 +69,10 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
             PagedAdamW, PagedAdamW8bit, ...); null: AdamW at learning_rate (`wspo_lightning.optim`).
         lr_scheduler: a schedule class_path / init_args block; an unset `num_training_steps` or `total_steps`
             gets the run's optimizer steps; null: warm-up over warmup_ratio, then cosine decay.
+
+    These arguments are declared here alone: an objective declares its own and passes the rest on as
+    `**kwargs` (jsonargparse follows them here, so its CLI help and configs list every one), restating a
+    shared one only to change its default.
     """
 
     def __init__(

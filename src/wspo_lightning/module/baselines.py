@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from wspo_lightning import losses
@@ -39,7 +38,8 @@ class DPOModule(PreferenceModule):
         loss: the pair loss, a `wspo_lightning.losses.PairLoss` class_path / init_args block (DPOLoss,
             RobustDPOLoss, HingeLoss, IPOLoss; each owns its beta and an optional sft_weight); null: the
             shorthand's DPOLoss.
-        Other arguments: see PreferenceModule.
+        Other arguments: see PreferenceModule, which declares those every objective shares (`**kwargs` here)
+            once, with their defaults; learning_rate is declared here too, for DPO's own default (1e-6, TRL's).
 
     ``pair_loss`` is the loss in use, whichever way it was given (the model card names it).
     """
@@ -63,14 +63,8 @@ class DPOModule(PreferenceModule):
         beta: float | None = None,
         label_smoothing: float | None = None,
         loss: PairLoss | None = None,
-        learning_rate: float = 1e-6,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.1,
-        freeze_embeddings: bool = False,
-        disable_dropout: bool = True,
-        cache_dir: str | None = None,
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        learning_rate: float = 1e-6,  # DPO's own default: the one shared argument declared here again
+        **kwargs: Any,
     ) -> None:
         shorthand = " and ".join(
             f"model.{k}" for k, v in (("beta", beta), ("label_smoothing", label_smoothing)) if v is not None
@@ -86,18 +80,7 @@ class DPOModule(PreferenceModule):
             # hparams hold it, not the module (checkpoints load with weights_only, which refuses pickled classes)
             cls = type(loss)
             loss = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": loss.init_args()}
-        super().__init__(
-            policy,
-            reference,
-            learning_rate,
-            weight_decay,
-            warmup_ratio,
-            freeze_embeddings,
-            disable_dropout,
-            cache_dir,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-        )
+        super().__init__(policy, reference, learning_rate=learning_rate, **kwargs)
         self.pair_loss = pair_loss  # no parameters: nothing added to checkpoints or to the optimizer
 
     def _step(self, batch: dict, split: str) -> dict[str, tuple[Tensor, Any]]:

@@ -7,7 +7,6 @@ import math
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from wspo_lightning import losses
@@ -33,7 +32,8 @@ class WSPOModule(PreferenceModule):
             "own": its own tokenizer's rendering of the same prompt and response text, each weak token's
             log-ratio added onto the policy token holding its last character (docs/cross-tokenizer.md);
             "auto": own when the weak pair's vocabulary differs from the policy's, else shared.
-        Other arguments: see PreferenceModule.
+        Other arguments: see PreferenceModule, which declares those every objective shares (`**kwargs` here)
+            once, with their defaults.
     """
 
     metric_names = [
@@ -56,32 +56,15 @@ class WSPOModule(PreferenceModule):
         reference: ModelSpec | None = None,
         gamma: float = 1.0,
         train_on_rejected: bool = False,
-        learning_rate: float = 1e-5,
-        weight_decay: float = 0.0,
-        warmup_ratio: float = 0.1,
-        freeze_embeddings: bool = False,
-        disable_dropout: bool = True,
-        cache_dir: str | None = None,
+        *,
         weak_tokenization: Literal["auto", "shared", "own"] = "auto",
-        optimizer: OptimizerCallable | None = None,
-        lr_scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
         if weak_tokenization not in ("auto", "shared", "own"):
             raise InputError(f"model.weak_tokenization must be auto, shared or own, got {weak_tokenization!r}")
         if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
             raise InputError(f"model.gamma must be a finite positive number, got {gamma}")
-        super().__init__(
-            policy,
-            reference,
-            learning_rate,
-            weight_decay,
-            warmup_ratio,
-            freeze_embeddings,
-            disable_dropout,
-            cache_dir,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-        )
+        super().__init__(policy, reference, **kwargs)
         self.weak_base_spec, self.weak_aligned_spec = as_spec(weak_base), as_spec(weak_aligned)
         self.gamma = float(gamma)  # documented hook: GammaSchedule sets it before each training batch
 
