@@ -175,7 +175,7 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
     ):
         assert key in record_log, key
     tables = list((runs[0] / "files" / "media" / "table").rglob("*.table.json"))
-    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "completion", "finished", "weak_reward"]
+    assert json.loads(tables[0].read_text())["columns"] == ["step", "prompt", "response", "finished", "weak_reward"]
 
 
 def test_a_cached_runs_sample_table_has_no_weak_reward_column_rather_than_nan(tiny_world, tmp_path):
@@ -188,24 +188,24 @@ def test_a_cached_runs_sample_table_has_no_weak_reward_column_rather_than_nan(ti
     assert "weak_base" not in cli.model.frozen
     (table,) = (Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl")
     rows = [json.loads(line) for line in table.read_text().splitlines()]
-    assert len(rows) == 2 and all(set(row) == {"step", "prompt", "completion", "finished"} for row in rows)
+    assert len(rows) == 2 and all(set(row) == {"step", "prompt", "response", "finished"} for row in rows)
 
 
-def test_sample_table_scores_completions_with_the_weak_pair(tiny_world, tmp_path):
+def test_sample_table_scores_responses_with_the_weak_pair(tiny_world, tmp_path):
     cli = fit(tiny_config(tiny_world, tmp_path / "run"), "--trainer.max_epochs=1")
     sample_files = sorted((Path(cli.trainer.logger.log_dir) / "samples").glob("step_*.jsonl"))
     rows = [json.loads(line) for line in sample_files[-1].read_text().splitlines()]
     assert [r["prompt"] for r in rows] == cli.datamodule.prompts("val", 2)
-    # recompute the weak reward of the first completion from its text, with the weak pair's own forwards
+    # recompute the weak reward of the first response from its text, with the weak pair's own forwards
     tokenizer, frozen = cli.datamodule.tokenizer, cli.model.frozen
     template = tokenizer.apply_chat_template(
         [{"role": "user", "content": rows[0]["prompt"]}], tokenize=False, add_generation_prompt=True
     )
     prompt_ids = tokenizer(template, add_special_tokens=False, return_tensors="pt").input_ids
     ending = [tokenizer.convert_tokens_to_ids("<|im_end|>")] if rows[0]["finished"] else []
-    completion_ids = torch.tensor([tokenizer(rows[0]["completion"], add_special_tokens=False).input_ids + ending])
-    assert completion_ids.shape[1] > 0
-    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    response_ids = torch.tensor([tokenizer(rows[0]["response"], add_special_tokens=False).input_ids + ending])
+    assert response_ids.shape[1] > 0
+    ids = torch.cat([prompt_ids, response_ids], dim=1)
     with torch.no_grad():
         logps = {
             role: torch.log_softmax(frozen[role](ids).logits[0, :-1].float(), -1)

@@ -128,7 +128,7 @@ def test_fit_trains_live_and_from_precompute_with_the_same_losses(cross_world, t
     prompts = live.datamodule.prompts("val", len(rows))
     frozen = live.model.frozen
     scorer = WeakPairScorer(frozen["weak_aligned"], frozen["weak_base"], live.datamodule.weak_renderer)
-    expected = scorer.score(prompts, [r["completion"] for r in rows], [r["finished"] for r in rows])
+    expected = scorer.score(prompts, [r["response"] for r in rows], [r["finished"] for r in rows])
     assert [r["weak_reward"] for r in rows] == pytest.approx(expected, abs=2e-4)
 
 

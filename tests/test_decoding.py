@@ -1,5 +1,6 @@
 """Test-time weak-to-strong decoding on tiny random models: plain and proxy sampling against
-`generate`, the weak-pair scorer against per-model log-prob sums, and CBS against brute force."""
+`generate`, the weak-pair scorer against per-model log-prob sums, and CBS against brute force.
+(The seeding rule, one generator per response, is pinned in test_generation.py.)"""
 
 import math
 
@@ -11,6 +12,7 @@ from wspo_lightning.decoding import (
     chunk_beam_search,
     proxy_logits,
     proxy_sample,
+    row_seed,
     sample,
 )
 from wspo_lightning.logprobs import left_pad
@@ -62,6 +64,20 @@ def generate_new_tokens(model, input_ids, attention_mask, seed, **kwargs):
     return out[:, input_ids.shape[1] :]
 
 
+def shared(seed):
+    """One generator for every row: what `generate` draws from after `torch.manual_seed(seed)`."""
+    return torch.Generator().manual_seed(seed)
+
+
+def generate_each_row(model, prompts, seed, **kwargs):
+    """`generate` on each prompt alone (no padding) after seeding the global RNG with that row's seed."""
+    rows = []
+    for j, ids in enumerate(prompts):
+        ids = torch.tensor([ids])
+        rows.append(generate_new_tokens(model, ids, torch.ones_like(ids), row_seed(seed, j), **kwargs)[0].tolist())
+    return rows
+
+
 def prompt_ids(tokenizer, prompt):
     """The chat-templated prompt, encoded independently of the package's helpers."""
     text = tokenizer.apply_chat_template(
@@ -93,7 +109,14 @@ def test_sample_equals_generate_with_the_same_seed(models, batch, arch, temperat
         models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p, max_new_tokens=25
     )
     got = sample(
-        models[arch], ids, mask, seed=3, temperature=temperature, top_p=top_p, max_new_tokens=25, eos_token_id=EOS
+        models[arch],
+        ids,
+        mask,
+        generator=shared(3),
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=25,
+        eos_token_id=EOS,
     )
     assert torch.equal(got, expected)
     assert (got == models[arch].generation_config.pad_token_id).any(), "some rows should end early"
@@ -109,7 +132,7 @@ def test_proxy_with_alpha_zero_equals_generate_with_the_same_seed(models, batch)
         models["weak_aligned"],
         models["weak_base"],
         alpha=0.0,
-        seed=7,
+        generator=shared(7),
         max_new_tokens=25,
         eos_token_id=EOS,
     )
@@ -127,7 +150,7 @@ def test_proxy_with_an_identical_weak_pair_equals_plain_sampling(models, batch):
         models["weak_base"],
         models["weak_base"],
         alpha=3.0,
-        seed=1,
+        generator=shared(1),
         max_new_tokens=20,
         eos_token_id=EOS,
     )
@@ -164,7 +187,7 @@ def test_proxy_sampling_with_caches_equals_recomputing_every_prefix(models, tok)
         max_new_tokens=15,
         eos_token_id=EOS,
     )
-    generator = torch.Generator().manual_seed(11)
+    generator = torch.Generator().manual_seed(row_seed(11, 0))  # the one row's own seed
     seq = ids
     for _ in range(got.shape[1]):
         s, a, b = (models[k](seq).logits[:, -1].float() for k in ("strong", "weak_aligned", "weak_base"))
@@ -217,7 +240,7 @@ def test_num_samples_repeats_each_prompt_like_num_return_sequences(models, batch
     """Encoding each prompt once and repeating its cache draws what generate() draws for n copies."""
     ids, mask = batch
     expected = generate_new_tokens(models["strong"], ids, mask, seed=2, max_new_tokens=12, num_return_sequences=3)
-    got = sample(models["strong"], ids, mask, num_samples=3, seed=2, max_new_tokens=12, eos_token_id=EOS)
+    got = sample(models["strong"], ids, mask, num_samples=3, generator=shared(2), max_new_tokens=12, eos_token_id=EOS)
     assert torch.equal(got, expected)
 
 
@@ -301,16 +324,17 @@ def cbs(models, tok, weak_tok=None, weak=("weak_aligned", "weak_base"), **kwargs
 
 
 def test_cbs_with_one_beam_and_one_continuation_equals_plain_sampling(models, tok, batch):
-    """W = K = 1 keeps the single candidate: the same draws as `sample` and as `generate`."""
+    """W = K = 1 keeps the single candidate: the same draws as `sample` with the same seed, and as `generate` on
+    each prompt alone after seeding the global RNG with that prompt's seed."""
     ids, mask = batch
-    results = cbs(models, tok, beam_width=1, num_continuations=1, chunk_length=4, max_new_tokens=23, seed=3)
-    expected = generate_new_tokens(models["strong"], ids, mask, seed=3, max_new_tokens=23)
-    assert torch.equal(sample(models["strong"], ids, mask, seed=3, max_new_tokens=23, eos_token_id=EOS), expected)
-    for result, row in zip(results, expected.tolist()):
+    results = cbs(models, tok, beam_width=1, num_continuations=1, chunk_length=4, max_new_tokens=23, seed=8)
+    expected = generate_each_row(models["strong"], [prompt_ids(tok, p) for p in PROMPTS], 8, max_new_tokens=23)
+    sampled = sample(models["strong"], ids, mask, seed=8, max_new_tokens=23, eos_token_id=EOS)
+    for result, row, drawn in zip(results, expected, sampled.tolist()):
         n = len(result.token_ids)
-        assert result.token_ids == row[:n]
-        assert result.finished == (row[n - 1] in EOS)
-        assert all(t == tok.pad_token_id for t in row[n:])
+        assert result.token_ids == row[:n] == drawn[:n]
+        assert result.finished == (row[n - 1] in EOS) and len(row) == n  # generate stops the row there too
+        assert all(t == tok.pad_token_id for t in drawn[n:])
     assert any(r.finished for r in results) and not all(r.finished for r in results)
 
 
@@ -401,6 +425,6 @@ def test_cbs_is_reproducible_and_respects_max_new_tokens_and_stop_strings(models
     assert [(r.token_ids, r.score) for r in first] == [(r.token_ids, r.score) for r in second]
     for result in first:
         assert len(result.token_ids) <= 9
-        assert "e" not in result.completion
+        assert "e" not in result.response
         if not result.finished:
             assert len(result.token_ids) == 9

@@ -18,7 +18,7 @@ def gen_yaml(tiny_world, tmp_path):
         "weak_base": {"path": str(tiny_world / "weak_base")},
         "weak_aligned": {"path": str(tiny_world / "weak_aligned")},
         "prompts": str(tiny_world / "val.jsonl"),
-        "output": str(tmp_path / "out.jsonl"),
+        "out": str(tmp_path / "out.jsonl"),
         "method": "cbs",
         "beam_width": 2,
         "num_continuations": 2,
@@ -38,12 +38,13 @@ def read_jsonl(path):
 
 
 @pytest.mark.parametrize("method", ["cbs", "proxy", "sample"])
-def test_generate_writes_prompt_completion_score_and_settings_per_prompt(gen_yaml, tmp_path, capsys, method):
+def test_generate_writes_prompt_response_score_and_settings_per_prompt(gen_yaml, tmp_path, capsys, method):
     assert main(["--config", str(gen_yaml), "--method", method]) == 0
     rows = read_jsonl(tmp_path / "out.jsonl")
     assert len(rows) == 3
     for row in rows:
-        assert {"id", "prompt", "completion", "score", "finished", "reward", "settings"} <= set(row)
+        assert {"id", "prompt", "response", "score", "finished", "reward", "settings"} <= set(row)
+        assert "completion" not in row
         assert isinstance(row["score"], float) and -1 <= row["reward"] <= 1
         assert row["settings"]["method"] == method and row["settings"]["max_new_tokens"] == 8
     assert ("beam_width" in rows[0]["settings"]) == (method == "cbs")
@@ -53,8 +54,8 @@ def test_generate_writes_prompt_completion_score_and_settings_per_prompt(gen_yam
 
 
 def test_generate_is_reproducible_for_a_seed(gen_yaml, tmp_path):
-    main(["--config", str(gen_yaml), "--output", str(tmp_path / "a.jsonl")])
-    main(["--config", str(gen_yaml), "--output", str(tmp_path / "b.jsonl")])
+    main(["--config", str(gen_yaml), "--out", str(tmp_path / "a.jsonl")])
+    main(["--config", str(gen_yaml), "--out", str(tmp_path / "b.jsonl")])
     assert read_jsonl(tmp_path / "a.jsonl") == read_jsonl(tmp_path / "b.jsonl")
 
 
@@ -108,5 +109,42 @@ def test_plain_sampling_needs_no_weak_pair_and_writes_a_null_score(gen_yaml, tmp
         ]
     )
     rows = read_jsonl(tmp_path / "out.jsonl")
-    assert all(row["score"] is None and "reward" not in row and "e" not in row["completion"] for row in rows)
+    assert all(row["score"] is None and "reward" not in row and "e" not in row["response"] for row in rows)
     assert "mean weak score" not in capsys.readouterr().out
+
+
+def test_old_option_names_still_read_with_one_warning_line_each(gen_yaml, tmp_path, caplog):
+    """A config of an older version (`output`, `chat_template`) runs as the new names would, saying so."""
+    old = yaml.safe_load(gen_yaml.read_text())
+    old["output"] = old.pop("out")
+    old["chat_template"] = False
+    old_yaml = tmp_path / "old.yaml"
+    old_yaml.write_text(yaml.safe_dump(old))
+    assert main(["--config", str(old_yaml), "--method", "sample"]) == 0
+    assert (
+        main(
+            [
+                "--config",
+                str(gen_yaml),
+                "--method",
+                "sample",
+                "--use_chat_template",
+                "false",
+                "--out",
+                str(tmp_path / "new.jsonl"),
+            ]
+        )
+        == 0
+    )
+    assert read_jsonl(tmp_path / "out.jsonl") == read_jsonl(tmp_path / "new.jsonl")
+    assert read_jsonl(tmp_path / "out.jsonl")[0]["settings"]["use_chat_template"] is False
+    warned = [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+    assert warned == [
+        "generate: output is deprecated, use out (same meaning)",
+        "generate: chat_template is deprecated, use use_chat_template (same meaning)",
+    ]
+
+
+def test_an_old_and_a_new_name_together_are_one_error(gen_yaml, tmp_path):
+    with pytest.raises(InputError, match="^generate: output is the old name of out: give only out$"):
+        main(["--config", str(gen_yaml), "--output", str(tmp_path / "old.jsonl")])

@@ -73,7 +73,7 @@ def gen_yaml(tiny_world, tmp_path):
 
 
 def generated(gen_yaml, out: Path, method: str) -> list[dict]:
-    assert main(["generate", "--config", str(gen_yaml), "--method", method, "--output", str(out)]) == 0
+    assert main(["generate", "--config", str(gen_yaml), "--method", method, "--out", str(out)]) == 0
     return [json.loads(line) for line in out.open()]
 
 
@@ -104,7 +104,7 @@ def test_a_method_named_by_import_path_runs_through_wspo_generate(gen_yaml, tmp_
 )
 def test_a_bad_method_is_one_error_line_before_any_model_loads(gen_yaml, tmp_path, capsys, method, message):
     out = tmp_path / "never.jsonl"
-    assert main(["generate", "--config", str(gen_yaml), "--method", method, "--output", str(out)]) == 2
+    assert main(["generate", "--config", str(gen_yaml), "--method", method, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("wspo: error: ") and err.count("\n") == 1
     assert re.search(message, err) and not out.exists()

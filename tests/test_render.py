@@ -200,7 +200,7 @@ def test_every_decoder_stops_at_the_templates_end_of_turn(tmp_path, method):
             weak_base=ModelSpec(ender),
             weak_aligned=ModelSpec(ender),
             prompts=str(prompts),
-            output=str(tmp_path / "out.jsonl"),
+            out=str(tmp_path / "out.jsonl"),
             method=method,
             max_new_tokens=4,
             beam_width=2,

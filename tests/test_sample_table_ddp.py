@@ -56,7 +56,7 @@ def test_sample_table_under_ddp_on_two_processes(tmp_path):
     assert sorted(got) == ["step_1.jsonl", "step_2.jsonl"] == sorted(want)
     assert len(list((ddp / "logs" / "wspo").glob("version_*"))) == 1  # one writer: rank 0
     for name in want:
-        assert [(r["prompt"], r["completion"], r["finished"]) for r in got[name]] == [
-            (r["prompt"], r["completion"], r["finished"]) for r in want[name]
+        assert [(r["prompt"], r["response"], r["finished"]) for r in got[name]] == [
+            (r["prompt"], r["response"], r["finished"]) for r in want[name]
         ]
         assert [r["weak_reward"] for r in got[name]] == pytest.approx([r["weak_reward"] for r in want[name]], abs=1e-4)

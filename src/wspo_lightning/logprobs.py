@@ -52,7 +52,7 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, device: torch.device | 
 def cut_at_stop(tokens: Tensor, stop: Sequence[int]) -> tuple[Tensor, Tensor]:
     """For generated tokens [rows, new]: `keep` [rows, new], True up to and including each row's first stop id
     (generate pads after it), and `finished` [rows], whether the row has one (False: cut by max_new_tokens)."""
-    is_stop = torch.isin(tokens, torch.tensor(list(stop), device=tokens.device))
+    is_stop = torch.isin(tokens, torch.tensor(list(stop), dtype=tokens.dtype, device=tokens.device))
     keep = (is_stop.int().cumsum(dim=1) - is_stop.int()) == 0
     return keep, is_stop.any(dim=1)
 

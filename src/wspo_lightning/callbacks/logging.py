@@ -7,6 +7,8 @@ Both read what `WSPOModule.validation_step` returns (per-example rewards) and th
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,12 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.loggers import WandbLogger
 
-from wspo_lightning.logprobs import cut_at_stop, left_pad
+from wspo_lightning.decoding.args import SamplingArgs
+from wspo_lightning.decoding.generation import generate_responses
+from wspo_lightning.errors import InputError
 from wspo_lightning.render import plain_text
+
+log = logging.getLogger(__name__)
 
 
 def _wandb_loggers(trainer: pl.Trainer) -> list[WandbLogger]:
@@ -81,29 +87,58 @@ class RewardMarginLogger(pl.Callback):
             )
 
 
-class SampleTable(pl.Callback):
-    """At each validation end, complete a few fixed validation prompts with the policy and log a table.
+GREEDY = SamplingArgs(temperature=0.0, max_new_tokens=32)
+"""`SampleTable`'s default sampler: greedy, 32 new tokens."""
 
-    Prompts are rendered, and generation stops, as in training (`PreferenceDataModule.renderer`: the chat
-    template's end-of-turn among the stop ids). Columns: step, prompt, completion, finished (ended by a stop
+
+class SampleTable(pl.Callback):
+    """At each validation end, answer a few fixed validation prompts with the policy and log a table.
+
+    Responses come from the project's one generate path (`generate_responses`): prompts rendered, and generation
+    stopped, as in training (`PreferenceDataModule.renderer`: the chat template's end-of-turn among the stop ids),
+    prompt i of the table drawn from its own generator seeded by (seed, i, 0), so every rank draws the same and
+    every validation draws with the same random numbers. Columns: step, prompt, response, finished (ended by a stop
     id rather than the length limit), weak reward (WSPO runs with the weak pair loaded: sum of the weak pair's
-    log-ratio over the completion, computed as for training records: `PreferenceDataModule.batch_of`,
+    log-ratio over the response, computed as for training records: `PreferenceDataModule.batch_of`,
     `WSPOModule.weak_reward`; absent when the weak pair's values come from a cache).
     Written to `<log_dir>/samples/step_<N>.jsonl`, and to W&B as one table holding the rows of every
     validation so far (so its latest version shows the whole history).
 
     Args:
         num_prompts: how many validation prompts (the first ones, so every table is comparable).
-        max_new_tokens: completion length limit.
-        do_sample: sample instead of greedy decoding.
+        sampling: the sampler (`SamplingArgs`; default greedy, 32 new tokens). In YAML, keys left out keep these
+            defaults: `sampling: {max_new_tokens: 64}` is still greedy.
+        max_new_tokens: deprecated, `sampling.max_new_tokens`.
+        do_sample: deprecated, `sampling.temperature` (true: 1, false: 0, greedy).
     """
 
-    columns = ["step", "prompt", "completion", "finished", "weak_reward"]
+    columns = ["step", "prompt", "response", "finished", "weak_reward"]
     key = "val/samples"
     """The table's W&B key."""
 
-    def __init__(self, num_prompts: int = 4, max_new_tokens: int = 32, do_sample: bool = False) -> None:
-        self.num_prompts, self.max_new_tokens, self.do_sample = num_prompts, max_new_tokens, do_sample
+    def __init__(
+        self,
+        num_prompts: int = 4,
+        sampling: SamplingArgs = GREEDY,
+        max_new_tokens: int | None = None,
+        do_sample: bool | None = None,
+    ) -> None:
+        if max_new_tokens is not None or do_sample is not None:
+            if sampling != GREEDY:
+                raise InputError(
+                    "SampleTable: max_new_tokens and do_sample are the old names of sampling.max_new_tokens and "
+                    "sampling.temperature: give only sampling"
+                )
+            log.warning(
+                "SampleTable: max_new_tokens and do_sample are deprecated, use sampling.max_new_tokens and "
+                "sampling.temperature (0: greedy)"
+            )
+            sampling = replace(
+                sampling,
+                max_new_tokens=max_new_tokens if max_new_tokens is not None else sampling.max_new_tokens,
+                temperature=1.0 if do_sample else 0.0,
+            )
+        self.num_prompts, self.sampling = num_prompts, replace(sampling)
         self.history: list[dict] = []
 
     @torch.no_grad()
@@ -128,34 +163,19 @@ class SampleTable(pl.Callback):
             logger.log_table(key=self.key, columns=columns, data=[[r[c] for c in columns] for r in self.history])
 
     def _complete(self, pl_module: pl.LightningModule, datamodule: Any, prompts: list) -> list[dict]:
-        renderer = datamodule.renderer
         policy = pl_module.policy
-        stop = renderer.stop_ids(policy)
-        pad = renderer.pad_id
-        prompt_ids = renderer.prompt_ids(prompts)
-        input_ids, attention_mask = left_pad(prompt_ids, pad, pl_module.device)
         was_training = policy.training
         policy.eval()
-        generated = policy.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            pad_token_id=pad,
-            eos_token_id=stop,
-        )
+        # every rank draws the same (seeded per prompt), so every rank runs the same forwards: FSDP-safe
+        responses = generate_responses(policy, datamodule.renderer, prompts, self.sampling)
         policy.train(was_training)
-        width = input_ids.shape[1]
-        completion_ids = generated[:, width:]  # [B, new]
-        keep, finished = cut_at_stop(completion_ids, stop)
-        finished = finished.tolist()
-        responses = [row[kept].tolist() for row, kept in zip(completion_ids, keep)]
-        completions = [renderer.decode(ids) for ids in responses]
         rows = [
-            {"prompt": plain_text(p), "completion": c, "finished": f} for p, c, f in zip(prompts, completions, finished)
+            {"prompt": plain_text(p), "response": r.text, "finished": r.finished} for p, r in zip(prompts, responses)
         ]
-        if hasattr(pl_module, "weak_reward"):  # the completions as training records: rendered, batched, scored alike
-            batch = datamodule.batch_of(prompts, completions, responses, finished)
+        if hasattr(pl_module, "weak_reward"):  # the responses as training records: rendered, batched, scored alike
+            batch = datamodule.batch_of(
+                prompts, [r.text for r in responses], [r.token_ids for r in responses], [r.finished for r in responses]
+            )
             rewards = pl_module.weak_reward(move_data_to_device(batch, pl_module.device))
             for row, reward in zip(rows, rewards.tolist() if rewards is not None else []):
                 row["weak_reward"] = reward

@@ -19,20 +19,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from wspo_lightning.decoding.args import check_sampling
+from wspo_lightning.decoding.generation import encode_prompts, finish
 from wspo_lightning.decoding.sampling import (
     KVState,
     StopChecker,
     as_renderer,
-    check_sampling,
     draw,
     eos_ids,
-    make_generator,
     response_tokens,
-    truncate_at_stop,
+    row_generators,
     warp,
 )
 from wspo_lightning.decoding.scorer import WeakPairScorer
-from wspo_lightning.logprobs import left_pad
 from wspo_lightning.render import Prompt, Renderer
 
 
@@ -41,8 +40,8 @@ class CBSResult:
     """The best beam for one prompt."""
 
     prompt: Prompt
-    completion: str
-    """Decoded response (special tokens dropped), cut before the first stop string."""
+    response: str
+    """Decoded response (special tokens dropped, whitespace stripped), cut before the first stop string."""
     token_ids: list[int]
     """Strong-model response ids, up to and including the token that ended it."""
     score: float
@@ -94,7 +93,7 @@ def chunk_beam_search(
     stop_strings: Sequence[str] = (),
     chat_template: bool = True,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     rescore_text: bool | None = None,
     reuse_cache: bool = True,
     trace: list[ChunkRecord] | None = None,
@@ -110,7 +109,11 @@ def chunk_beam_search(
         beam_width, num_continuations, chunk_length: W, K, L.
         temperature, top_p, top_k, max_new_tokens, eos_token_id, stop_strings: as in `proxy_sample`.
         chat_template: with tokenizers (not renderers): render prompts with each one's chat template.
-        seed / generator: randomness (neither: torch's global RNG). With W = K = 1 the draws equal `sample`'s.
+        seed: one generator per prompt, seeded from (seed, its position in `prompts`, 0), which all its beams
+            draw from in turn: a prompt's result does not depend on the other prompts. With W = K = 1 the draws
+            equal `sample`'s with the same seed.
+        generator: instead of `seed`, one generator per prompt (`sampling.row_generators` with the prompts'
+            positions in a larger input), or one shared by all rows. Neither: torch's global RNG.
         rescore_text: score decoded text re-tokenised by the weak tokenizer (default: only when the two
             vocabularies differ; otherwise the weak pair scores the strong token ids themselves).
         reuse_cache: False re-encodes every prefix each round and rescores from scratch (for checking and
@@ -140,7 +143,8 @@ def chunk_beam_search(
         rescore_text,
         reuse_cache,
     )
-    generator = generator if generator is not None else make_generator(seed, search.device)
+    if generator is None and seed is not None:
+        generator = row_generators(seed, range(len(prompts)), 1, search.device)
     while search.length < max_new_tokens and not search.all_done:
         search.expand()
         search.sample_chunk(min(chunk_length, max_new_tokens - search.length), temperature, top_p, top_k, generator)
@@ -166,14 +170,14 @@ class _Search:
         rescore_text: bool,
         reuse_cache: bool,
     ) -> None:
-        self.tokenizer, self.scorer, self.prompts = renderer.tokenizer, scorer, list(prompts)
+        self.renderer, self.tokenizer, self.scorer, self.prompts = renderer, renderer.tokenizer, scorer, list(prompts)
         self.W, self.K, self.B = W, K, len(prompts)
         self.rescore_text, self.reuse_cache, self.stop_strings = rescore_text, reuse_cache, list(stop_strings)
         self.device = next(strong.parameters()).device
-        eos = eos_ids(strong, renderer, eos_token_id)
-        self.stopper = StopChecker(eos, self.tokenizer, stop_strings)
+        self.eos = eos_ids(strong, renderer, eos_token_id)
+        self.stopper = StopChecker(self.eos, self.tokenizer, stop_strings)
         self.pad = renderer.pad_id
-        self.prompt_ids, self.prompt_mask = left_pad(renderer.prompt_ids(prompts), self.pad, self.device)
+        self.prompt_ids, self.prompt_mask = encode_prompts(renderer, prompts, self.device)
         self.weak_prompt_ids = scorer.prompt_ids(prompts)
 
         beams = torch.arange(self.B, device=self.device).repeat_interleave(W)
@@ -217,7 +221,7 @@ class _Search:
             if step > 0:
                 self.logits = self.strong.extend(self.tokens[:, -1:])
             done = self.ended_at >= 0
-            token = draw(warp(self.logits, temperature, top_p, top_k), temperature, generator)
+            token = draw(warp(self.logits, temperature, top_p, top_k), temperature, generator, active=~done)
             token = torch.where(done, self.pad, token)
             self.tokens = torch.cat([self.tokens, token[:, None]], dim=1)
             ended, by_eos = self.stopper(self.tokens)
@@ -271,18 +275,9 @@ class _Search:
         self._select(keep.to(self.device))
 
     def results(self) -> list[CBSResult]:
-        out = []
-        responses = response_tokens(self.tokens, self.ended_at)
-        for b, prompt in enumerate(self.prompts):
-            row = b * self.W  # rows are sorted best first after every round
-            text = self.tokenizer.decode(responses[row], skip_special_tokens=True)
-            out.append(
-                CBSResult(
-                    prompt=prompt,
-                    completion=truncate_at_stop(text, self.stop_strings),
-                    token_ids=responses[row],
-                    score=float(self.scores[row]),
-                    finished=bool(self.ended_at[row] >= 0),
-                )
-            )
-        return out
+        best = torch.arange(self.B, device=self.device) * self.W  # rows are sorted best first after every round
+        responses = finish(self.renderer, self.tokens[best], self.eos, self.stop_strings, self.ended_at[best])
+        return [
+            CBSResult(prompt, r.text, r.token_ids, float(self.scores[int(row)]), r.finished)
+            for prompt, r, row in zip(self.prompts, responses, best.tolist())
+        ]

@@ -1,52 +1,19 @@
 """`wspo generate`: answer the prompts of a JSONL file by a decoding method (plain sampling, proxy / EFT
 sampling, chunk-level beam search, best-of-N, or one of your own named by import path: `methods.py`), write
-JSONL (prompt, completion, score, settings), and optionally report a gold reward. Flags and `--config gen.yaml`
-both work; `--print_config` shows the full config.
-
-Example `gen.yaml` for the tiny world of `wspo tiny --out tiny`:
-
-    # the frozen model that writes the responses (a ModelSpec: path, dtype, quantization, ...)
-    strong:
-      path: tiny/policy
-    # the weak pair: scores CBS candidates, shifts proxy logits; optional for method: sample
-    weak_base:
-      path: tiny/weak_base
-    weak_aligned:
-      path: tiny/weak_aligned
-    # JSONL with a `prompt` string per line (preference files work: other fields are ignored)
-    prompts: tiny/val.jsonl
-    # where to write one JSON line per prompt
-    output: tiny/generations.jsonl
-    # sample | proxy | cbs | bon, or the import path of a DecodingMethod (my_pkg.decoding.MyMethod)
-    method: cbs
-    # CBS: W beams kept, K continuations of L tokens sampled from each
-    beam_width: 4
-    num_continuations: 4
-    chunk_length: 10
-    # proxy: weight of the weak log-ratio added to the strong logits (0: plain sampling)
-    alpha: 1.0
-    # sampling: temperature (0: greedy), top-k (0: off), nucleus mass, length limit, stop strings
-    temperature: 1.0
-    top_k: 0
-    top_p: 1.0
-    max_new_tokens: 64
-    stop: []
-    # seed of the sampling RNG (null: unseeded)
-    seed: 0
-    # prompts decoded together (CBS runs batch_size * W * K rows)
-    batch_size: 4
-    # gold reward to report: null, vader, or an import path such as my_pkg.rewards.MyReward
-    reward: vader
-"""
+JSONL (prompt, response, score, settings), and optionally report a gold reward. Flags and `--config gen.yaml`
+both work; `--print_config` shows the full config. `configs/generate/tiny_cbs.yaml` is an example with every key
+commented; docs/decoding.md describes the options, their old names and the seeding rule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from wspo_lightning.commands import parse
+from wspo_lightning.decoding.args import SamplingArgs, renamed
 from wspo_lightning.decoding.methods import methods_help, resolve_method
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
@@ -55,16 +22,18 @@ from wspo_lightning.models import ModelSpec
 from wspo_lightning.rewards import load_reward
 
 
-@dataclass
-class GenerateConfig:
+@dataclass(kw_only=True)
+class GenerateConfig(SamplingArgs):
     """Decode prompts with the strong model, alone or steered by a weak pair."""
+
+    where: ClassVar[str] = "generate"
 
     strong: ModelSpec
     """The frozen strong model that writes the responses."""
     prompts: str
     """JSONL file with a `prompt` string on every line."""
-    output: str = "generations.jsonl"
-    """Output JSONL per line: id (if the prompt has one), prompt, completion, score (weak-pair reward), finished,
+    out: str = "generations.jsonl"
+    """Output JSONL per line: id (if the prompt has one), prompt, response, score (weak-pair reward), finished,
     response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs and bon),
     tokenizer_fingerprint (of the strong renderer), reward (if asked) and settings."""
     weak_base: ModelSpec | None = None
@@ -84,21 +53,7 @@ class GenerateConfig:
     """bon: N, samples per prompt (the weak-to-strong search paper matches it to CBS's W*K)."""
     alpha: float = 1.0
     """Proxy: weight of log pi_weak_aligned - log pi_weak_base (0: plain sampling)."""
-    temperature: float = 1.0
-    """Sampling temperature (0: greedy)."""
-    top_p: float = 1.0
-    """Nucleus sampling mass (1: off)."""
-    top_k: int = 0
-    """Keep the k most likely tokens (0: off); applied after temperature, before top_p."""
-    max_new_tokens: int = 128
-    """Length limit of a response, in strong-model tokens."""
-    stop: list[str] = field(default_factory=list)
-    """Stop strings: a response ends at the first one (which is cut from the completion)."""
-    seed: int | None = 0
-    """Seed of the sampling RNG (null: unseeded). Results depend on batch_size too."""
-    batch_size: int = 8
-    """Prompts decoded together."""
-    chat_template: bool = True
+    use_chat_template: bool = True
     """Render each prompt as a user turn of each tokenizer's chat template (if it has one)."""
     prompt_template: str = "{prompt}"
     """Plain template with a `{prompt}` field, for a tokenizer without a chat template."""
@@ -107,27 +62,21 @@ class GenerateConfig:
     reward: str | dict | None = None
     """Gold reward reported per response and on average: null, `vader`, `rm:PATH` (a reward model), an import
     path of a reward class, or a class_path/init_args block (`wspo_lightning.rewards.load_reward`)."""
-    device: str | None = None
-    """cpu, cuda, cuda:1, ... (null: cuda when available)."""
+    device: str | None = "auto"
+    """auto (a GPU when there is one; null reads the same), cpu, cuda, cuda:1, ..."""
+    output: str | None = None
+    """Deprecated name of `out` (still read, with a warning)."""
+    chat_template: bool | None = None
+    """Deprecated name of `use_chat_template` (still read, with a warning)."""
 
     def __post_init__(self) -> None:
-        positive = {
-            "beam_width": " (W)",
-            "num_continuations": " (K)",
-            "chunk_length": " (L)",
-            "max_new_tokens": "",
-            "batch_size": "",
-            "best_of": " (N)",
-        }
+        renamed(self, "output", "out", "generations.jsonl")
+        renamed(self, "chat_template", "use_chat_template", True)
+        super().__post_init__()
+        positive = {"beam_width": " (W)", "num_continuations": " (K)", "chunk_length": " (L)", "best_of": " (N)"}
         for name, letter in positive.items():
             if getattr(self, name) < 1:
                 raise InputError(f"generate: {name}{letter} must be >= 1, got {getattr(self, name)}")
-        if not self.temperature >= 0:
-            raise InputError(f"generate: temperature must be >= 0 (0: greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise InputError(f"generate: top_k must be >= 0 (0: off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"generate: top_p must be in (0, 1], got {self.top_p}")
         if self.limit is not None and self.limit < 1:
             raise InputError(f"generate: limit must be >= 1 or null, got {self.limit}")
         if (self.weak_base is None) != (self.weak_aligned is None):
@@ -155,7 +104,7 @@ class GenerateConfig:
             "max_new_tokens": self.max_new_tokens,
             "stop": self.stop,
             "seed": self.seed,
-            "chat_template": self.chat_template,
+            "use_chat_template": self.use_chat_template,
             "prompt_template": self.prompt_template,
         }
         out.update({name: getattr(self, name) for name in resolve_method(self.method).options})
@@ -177,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def generate(config: GenerateConfig) -> list[dict]:
-    """Run `config`: read prompts, load models, decode, score, write `config.output`; returns the records."""
+    """Run `config`: read prompts, load models, decode, score, write `config.out`; returns the records."""
     from tqdm.auto import tqdm
 
     from wspo_lightning.decoding.runner import Decoder
@@ -191,21 +140,21 @@ def generate(config: GenerateConfig) -> list[dict]:
     device = torch.device(resolve_device(config.device))
     method = resolve_method(config.method)
     decoder = Decoder(config, device, shared_vocabulary=method.needs_shared_vocabulary)
-    settings = config.settings()
+    settings = config.settings() | {"seed": decoder.seed}  # a fresh seed (seed: null) is recorded, to rerun
     out = []
+    per_batch = max(1, config.batch_size // method.rows_per_prompt(config))
     with tqdm(total=len(records), desc=f"generate ({config.method})", unit="prompt", dynamic_ncols=True) as bar:
-        for first in range(0, len(records), config.batch_size):
-            batch = records[first : first + config.batch_size]
+        for first in range(0, len(records), per_batch):
+            batch = records[first : first + per_batch]
             prompts = [r["prompt"] for r in batch]
+            decoder.indices = list(range(first, first + len(batch)))  # positions in the file seed the draws
             generations = method.decode(decoder, prompts)
-            rewards = (
-                reward(prompts, [g.completion for g in generations]) if reward is not None else [None] * len(batch)
-            )
+            rewards = reward(prompts, [g.response for g in generations]) if reward is not None else [None] * len(batch)
             for record, g, value in zip(batch, generations, rewards):
                 row = {"id": record["id"]} if "id" in record else {}
                 row.update(
                     prompt=record["prompt"],
-                    completion=g.completion,
+                    response=g.response,
                     score=g.score,
                     finished=g.finished,
                     response_ids=g.token_ids,
@@ -218,13 +167,13 @@ def generate(config: GenerateConfig) -> list[dict]:
                 row["settings"] = settings
                 out.append(row)
             bar.update(len(batch))
-    write_jsonl(config.output, out)
+    write_jsonl(config.out, out)
     _report(config, out)
     return out
 
 
 def _report(config: GenerateConfig, rows: list[dict]) -> None:
-    print(f"wrote {len(rows)} generations ({config.method}) to {config.output}")
+    print(f"wrote {len(rows)} generations ({config.method}) to {config.out}")
     scores = [r["score"] for r in rows if r["score"] is not None]
     if scores:
         print(f"mean weak score: {sum(scores) / len(scores):.4f}")

@@ -38,9 +38,13 @@ class DecodingMethod:
     """The weak pair changes the distribution each token is drawn from; the demo samples it untempered, as the
     design's formula reads, while the other methods draw with the search's sampler."""
 
+    def rows_per_prompt(self, config) -> int:
+        """Sequences it decodes together per prompt (`generate` fits batch_size // this prompts in a batch)."""
+        return 1
+
     def decode(self, decoder: Decoder, prompts: Sequence[Prompt]) -> list[Generation]:
         """One `Generation` per prompt, in order, with `decoder`'s models, settings (`decoder.config`) and random
-        generator (`decoder.generator`)."""
+        generators (`decoder.draw` and `decoder.generators` seed each prompt's by its position in the input)."""
         raise NotImplementedError(f"{type(self).__name__} must define decode(decoder, prompts)")
 
 
@@ -74,6 +78,9 @@ class ChunkBeamSearch(DecodingMethod):
     options = ("beam_width", "num_continuations", "chunk_length")
     search = True
 
+    def rows_per_prompt(self, config) -> int:
+        return config.beam_width * config.num_continuations
+
     def decode(self, decoder: Decoder, prompts: Sequence[Prompt]) -> list[Generation]:
         c, scorer = decoder.config, decoder.scorer
         results = chunk_beam_search(
@@ -92,10 +99,10 @@ class ChunkBeamSearch(DecodingMethod):
             top_k=c.top_k,
             eos_token_id=decoder.stop_ids,
             stop_strings=c.stop,
-            generator=decoder.generator,
+            generator=decoder.generators(prompts),  # one per prompt: its W * K rows draw from it in turn
             score_batch_size=c.batch_size,
         )
-        return [Generation(r.completion, r.token_ids, r.score, r.finished, None) for r in results]
+        return [Generation(r.response, r.token_ids, r.score, r.finished, None) for r in results]
 
 
 class BestOfN(DecodingMethod):
@@ -106,11 +113,14 @@ class BestOfN(DecodingMethod):
     options = ("best_of",)
     search = True
 
+    def rows_per_prompt(self, config) -> int:
+        return config.best_of
+
     def decode(self, decoder: Decoder, prompts: Sequence[Prompt]) -> list[Generation]:
         n = decoder.config.best_of
         drawn = decoder.draw(prompts, n)  # rows prompt * n + i
         best = [max(drawn[i * n : (i + 1) * n], key=lambda g: g.score) for i in range(len(prompts))]
-        return [Generation(g.completion, g.token_ids, g.score, g.finished, None) for g in best]
+        return [Generation(g.response, g.token_ids, g.score, g.finished, None) for g in best]
 
 
 METHODS: dict[str, DecodingMethod] = {m.name: m for m in (Sample(), Proxy(), ChunkBeamSearch(), BestOfN())}

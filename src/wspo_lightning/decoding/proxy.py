@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from wspo_lightning.decoding.sampling import KVState, StopChecker, check_sampling, draw, eos_ids, make_generator, warp
+from wspo_lightning.decoding.args import check_sampling
+from wspo_lightning.decoding.sampling import KVState, StopChecker, draw, eos_ids, row_generators, warp
 
 
 def proxy_logits(strong: Tensor, weak_aligned: Tensor | None, weak_base: Tensor | None, alpha: float) -> Tensor:
@@ -48,7 +49,7 @@ def proxy_sample(
     stop_strings: Sequence[str] = (),
     tokenizer=None,
     seed: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     return_ended_at: bool = False,
     return_logps: bool = False,
 ) -> Tensor | tuple[Tensor, ...]:
@@ -67,8 +68,12 @@ def proxy_sample(
         pad_token_id: fills rows after they end (default: the model's pad id, else the first EOS id).
         stop_strings: a row also ends when its text ends with one of these (needs `tokenizer`).
         tokenizer: the strong tokenizer or its `Renderer` (for stop ids and stop strings).
-        seed / generator: randomness; neither means torch's global RNG. Draws consume it exactly as
-            `strong.generate(do_sample=True, top_k=0)` does, so equal seeds give equal tokens at alpha 0.
+        seed: one generator per row, seeded from (seed, prompt row, sample) (`row_generators`): a row's draws
+            do not depend on the other rows, and equal `generate(do_sample=True, top_k=0)` on that row alone after
+            `torch.manual_seed(row_seed(seed, prompt row, sample))` at alpha 0.
+        generator: instead of `seed`, one generator per row (rows prompt * num_samples + i), or one shared by
+            all rows (drawn from as `generate` draws from torch's RNG for the whole batch). Neither: torch's
+            global RNG, shared.
         return_ended_at: also return, per row, the index of the token that ended it (-1: cut at the limit).
         return_logps: also return [rows, generated] float32: the log-probability of each drawn token under
             the distribution it was drawn from (after the weak shift, temperature, top_k and top_p; 0 when greedy;
@@ -91,7 +96,8 @@ def proxy_sample(
     states = [KVState(model) for model in models]
     device = states[0].device  # tokens, draws and bookkeeping live with the strong model
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    generator = generator if generator is not None else make_generator(seed, device)
+    if generator is None and seed is not None:
+        generator = row_generators(seed, range(input_ids.shape[0]), num_samples, device)
 
     logits = [
         state.prefill(input_ids.to(state.device), attention_mask.to(state.device)) for state in states
@@ -109,7 +115,7 @@ def proxy_sample(
     for step in range(max_new_tokens):
         scores = proxy_logits(logits[0], *(logits[1:] if alpha != 0 else (None, None)), alpha)
         warped = warp(scores, temperature, top_p, top_k)
-        token = draw(warped, temperature, generator)
+        token = draw(warped, temperature, generator, active=~done)
         if return_logps:
             drawn = (
                 torch.zeros(rows, device=device)

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from wspo_lightning.decoding.proxy import proxy_sample
-from wspo_lightning.decoding.sampling import make_generator, response_tokens, truncate_at_stop
+from wspo_lightning.decoding.generation import generate_responses
+from wspo_lightning.decoding.sampling import fresh_seed, row_generators
 from wspo_lightning.decoding.scorer import WeakPairScorer
-from wspo_lightning.logprobs import left_pad
 from wspo_lightning.models import check_same_vocabulary, load_model, load_tokenizer
 from wspo_lightning.render import Prompt, Renderer
 
@@ -19,7 +18,7 @@ from wspo_lightning.render import Prompt, Renderer
 class Generation:
     """One decoded response."""
 
-    completion: str
+    response: str
     """Response text (special tokens dropped), cut before the first stop string."""
     token_ids: list[int]
     """Strong-model response ids, up to and including the token that ended it."""
@@ -41,12 +40,18 @@ class Decoder:
         device: where the models run.
         shared_vocabulary: check that the strong model and the weak pair share one vocabulary (a method that
             mixes their logits token by token needs it).
+
+    Attributes:
+        indices: the positions in the prompts file of the batch being decoded (`generate` sets them before each
+            `method.decode`): they seed its draws (`draw`, `generators`), so a prompt's response depends on neither
+            the batch size nor the other prompts of its batch.
+        seed: the run's seed (the config's, or a fresh one when it has none).
     """
 
     def __init__(self, config, device: torch.device, shared_vocabulary: bool = False) -> None:
         self.config = config
         self.renderer = Renderer(
-            load_tokenizer(config.strong), config.chat_template, config.prompt_template, name=config.strong.path
+            load_tokenizer(config.strong), config.use_chat_template, config.prompt_template, name=config.strong.path
         )
         self.tokenizer = self.renderer.tokenizer
         self.scorer: WeakPairScorer | None = None
@@ -58,7 +63,7 @@ class Decoder:
                 check_same_vocabulary({"strong": self.tokenizer, "weak_base": weak_tokenizer})
             self.shared_vocab = weak_tokenizer.get_vocab() == self.tokenizer.get_vocab()
             weak_renderer = Renderer(
-                weak_tokenizer, config.chat_template, config.prompt_template, name=config.weak_base.path
+                weak_tokenizer, config.use_chat_template, config.prompt_template, name=config.weak_base.path
             )
             self.scorer = WeakPairScorer(
                 load_model(config.weak_aligned, device=device),
@@ -69,48 +74,59 @@ class Decoder:
         self.strong = load_model(config.strong, device=device)
         self.stop_ids = self.renderer.stop_ids(self.strong)
         self.device = device
-        self.generator = make_generator(config.seed, device)
+        self.seed = config.seed if config.seed is not None else fresh_seed()
+        self.sampling = config.sampling(seed=self.seed)
+        self.indices: list[int] = []
 
-    def draw(self, prompts: Sequence[Prompt], num_samples: int, alpha: float | None = None) -> list[Generation]:
+    def _indices(self, prompts: Sequence[Prompt], indices: Sequence[int] | None) -> list[int]:
+        if indices is None:  # the batch `generate` is decoding, else the prompts' own order
+            indices = self.indices or range(len(prompts))
+        indices = list(indices)
+        if len(indices) != len(prompts):
+            raise ValueError(
+                f"{len(prompts)} prompts but {len(indices)} indices: pass indices= (the prompts' positions in the "
+                "input) when decoding other prompts than the batch's"
+            )
+        return indices
+
+    def generators(
+        self, prompts: Sequence[Prompt], num_samples: int = 1, indices: Sequence[int] | None = None
+    ) -> list[torch.Generator]:
+        """One seeded generator per response to `prompts` (prompt-major, `sampling.row_generators`); `indices` as
+        in `draw`."""
+        return row_generators(self.seed, self._indices(prompts, indices), num_samples, self.device)
+
+    def draw(
+        self,
+        prompts: Sequence[Prompt],
+        num_samples: int,
+        alpha: float | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> list[Generation]:
         """`num_samples` responses per prompt (rows prompt * num_samples + i), with weak scores when there is a
         weak pair. `alpha`: add alpha times the weak pair's log-ratio to the strong logits before each draw
-        (proxy / EFT; needs the weak pair); None: the strong model's own sampler."""
-        c = self.config
-        pad = self.renderer.pad_id
-        input_ids, attention_mask = left_pad(self.renderer.prompt_ids(prompts), pad, self.device)
+        (proxy / EFT; needs the weak pair); None: the strong model's own sampler. `indices`: the prompts'
+        positions in the input (default: the batch's, `self.indices`)."""
         steered = alpha is not None
-        weak = (self.scorer.weak_aligned, self.scorer.weak_base) if steered else (None, None)
-        tokens, ended_at, logps = proxy_sample(
+        responses = generate_responses(
             self.strong,
-            input_ids,
-            attention_mask,
-            *weak,
-            alpha=alpha if steered else 0.0,
-            temperature=c.temperature,
-            top_p=c.top_p,
-            top_k=c.top_k,
-            max_new_tokens=c.max_new_tokens,
+            self.renderer,
+            prompts,
+            self.sampling,
+            indices=self._indices(prompts, indices),
             num_samples=num_samples,
-            eos_token_id=self.stop_ids,
-            pad_token_id=pad,
-            stop_strings=c.stop,
-            tokenizer=self.tokenizer,
-            generator=self.generator,
-            return_ended_at=True,
-            return_logps=True,
+            weak_pair=(self.scorer.weak_aligned, self.scorer.weak_base) if steered else None,
+            alpha=alpha if steered else 0.0,
+            stop_ids=self.stop_ids,
         )
-        responses = response_tokens(tokens, ended_at)
-        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        finished = (ended_at >= 0).tolist()
         rows = [p for p in prompts for _ in range(num_samples)]
         scores: list[float | None] = [None] * len(rows)
         if self.scorer is not None:
             if self.shared_vocab:
-                scores = self.scorer.score_ids(self.scorer.prompt_ids(rows), responses)
+                scores = self.scorer.score_ids(self.scorer.prompt_ids(rows), [r.token_ids for r in responses])
             else:
-                ended = [bool(r) and r[-1] in self.stop_ids for r in responses]
-                scores = self.scorer.score(rows, texts, ended)
-        return [
-            Generation(truncate_at_stop(text, c.stop), ids, score, end, float(row_logps.sum()))
-            for text, ids, score, end, row_logps in zip(texts, responses, scores, finished, logps)
-        ]
+                ids = [r.token_ids for r in responses]
+                ended = [bool(i) and i[-1] in self.stop_ids for i in ids]
+                # the text as drawn (a stop string included), as CBS scores its candidates
+                scores = self.scorer.score(rows, self.tokenizer.batch_decode(ids, skip_special_tokens=True), ended)
+        return [Generation(r.text, r.token_ids, score, r.finished, r.logp) for r, score in zip(responses, scores)]

@@ -1,9 +1,10 @@
-"""Pieces shared by the decoders: settings checks, stop ids, a model's incremental KV state, and one
-sampling step that draws random numbers exactly as `generate` does.
+"""Pieces shared by the decoders: stop ids, a model's incremental KV state, the seeding rule (one random generator
+per response), and one sampling step that draws random numbers exactly as `generate` does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Sequence
 
@@ -13,18 +14,6 @@ from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper
 from transformers.generation.stopping_criteria import StopStringCriteria
 
 from wspo_lightning.render import Renderer
-
-
-def check_sampling(temperature: float, top_p: float, max_new_tokens: int, top_k: int = 0) -> None:
-    """Raise ValueError naming the first bad sampling setting."""
-    if not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
 
 
 def as_renderer(tokenizer_or_renderer, chat_template: bool = True) -> Renderer:
@@ -59,20 +48,58 @@ def warp(logits: Tensor, temperature: float, top_p: float, top_k: int = 0) -> Te
     return logits
 
 
-def draw(scores: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """One token per row from warped scores [rows, vocab]. `torch.multinomial(softmax, 1)` per step is
-    exactly `generate(do_sample=True)`'s draw, so equal seeds give equal tokens; temperature 0 is argmax."""
+def draw(
+    scores: Tensor,
+    temperature: float,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    active: Tensor | None = None,
+) -> Tensor:
+    """One token per row from warped scores [rows, vocab]; temperature 0 is argmax.
+
+    `generator`: one for all rows (None: torch's global RNG), or a sequence of G generators for G equal groups of
+    consecutive rows (one per response, or one per prompt's beams): group g draws from generator g alone, so what
+    it draws does not depend on the other rows. `active` [rows] bool: groups with no active row draw nothing (their
+    token is 0). `torch.multinomial(softmax, 1)` is exactly `generate(do_sample=True)`'s draw, so a group drawn with
+    a generator seeded s gets what `generate` draws for those rows after `torch.manual_seed(s)`."""
     if temperature == 0:
         return scores.argmax(dim=-1)
-    probs = torch.softmax(scores, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1, generator=generator).squeeze(1)
+    rows = scores.shape[0]
+    if rows % len(generator):
+        raise ValueError(f"{len(generator)} generators cannot split {rows} rows into equal groups")
+    size = rows // len(generator)
+    live = active.view(len(generator), size).any(dim=1).tolist() if active is not None else [True] * len(generator)
+    token = torch.zeros(rows, dtype=torch.long, device=scores.device)
+    for g, (gen, draws) in enumerate(zip(generator, live)):
+        if draws:  # one call per group: what it draws depends on its generator and its rows alone
+            part = slice(g * size, (g + 1) * size)
+            token[part] = torch.multinomial(torch.softmax(scores[part], dim=-1), 1, generator=gen).squeeze(1)
+    return token
 
 
-def make_generator(seed: int | None, device: torch.device | str) -> torch.Generator | None:
-    """A private generator seeded with `seed` (None: use torch's global RNG, as `generate` does)."""
-    if seed is None:
-        return None
-    return torch.Generator(device=device).manual_seed(seed)
+def row_seed(seed: int, prompt: int, sample: int = 0) -> int:
+    """The seed of sample `sample` of the prompt at position `prompt` of the input: a 63-bit hash of the three
+    (the same on every machine and process), so neighbouring runs and rows get unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}/{prompt}/{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def row_generators(
+    seed: int, prompts: Sequence[int], num_samples: int, device: torch.device | str
+) -> list[torch.Generator]:
+    """One generator per response, prompt-major (prompt j, sample k at j * num_samples + k), each seeded with
+    `row_seed(seed, prompts[j], k)`: `prompts` are the positions of the batch's prompts in the whole input."""
+    return [
+        torch.Generator(device=device).manual_seed(row_seed(seed, int(i), k))
+        for i in prompts
+        for k in range(num_samples)
+    ]
+
+
+def fresh_seed() -> int:
+    """A seed for a run given none: drawn from torch's global RNG, so `seed_everything` still fixes it."""
+    return int(torch.randint(0, 2**62, ()).item())
 
 
 class StopChecker:

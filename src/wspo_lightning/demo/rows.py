@@ -59,15 +59,14 @@ class Rows:
         (`kl=False`: no KL for this row, see `EvalRow.kl`)."""
         raw, scored = self._files(name)
         with self.timer(f"eval samples: {name}"):
+            sampling = vars(self.s.eval_sampling())
             sample(
                 self.spec(model),
                 str(self.prompts),
                 str(raw),
                 num_samples=self.s.eval_samples,
-                max_new_tokens=self.s.max_new_tokens,
-                batch_size=self.s.sample_batch_size,
-                seed=self.s.seed + 2,
                 force=self.force,
+                **sampling,
             )
             score(str(raw), str(scored), reward=self.reward, force=self.force)
         self.rows.append(EvalRow(name, str(scored), kl=kl))
@@ -83,9 +82,8 @@ class Rows:
         s = self.s
         raw, scored = self._files(name)
         decoding = resolve_method(method)
-        search_sampler = not decoding.steers_sampler
+        sampling = s.eval_sampling() if decoding.steers_sampler else s.search_sampling()
         repeats = s.search_samples if decoding.search else s.eval_samples
-        width = s.cbs_beam_width * s.cbs_continuations if decoding.search else 1
         with self.timer(f"eval samples: {name}"):
             if not done("generate", raw, self.force):
                 prompts = raw.with_name(f"{raw.stem}.prompts.jsonl")
@@ -96,18 +94,14 @@ class Rows:
                         weak_base=self.spec(self.weak_base),
                         weak_aligned=self.spec(self.weak_aligned),
                         prompts=str(prompts),
-                        output=str(raw),
+                        out=str(raw),
                         method=method,
                         alpha=s.proxy_alpha,
                         beam_width=s.cbs_beam_width,
                         num_continuations=s.cbs_continuations,
                         chunk_length=s.cbs_chunk_length,
-                        best_of=width,
-                        max_new_tokens=s.max_new_tokens,
-                        temperature=s.search_temperature if search_sampler else 1.0,
-                        top_k=s.search_top_k if search_sampler else 0,
-                        seed=s.seed + 2,
-                        batch_size=max(s.sample_batch_size // width, 1),
+                        best_of=s.cbs_beam_width * s.cbs_continuations,  # best-of-N gets CBS's budget, N = W * K
+                        **vars(sampling),  # batch_size counts sequences: a search's W * K draws share a batch
                     )
                 )
                 prompts.unlink()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from wspo_lightning.decoding.args import SamplingArgs
+
 
 @dataclass
 class DemoSettings:
@@ -101,6 +103,27 @@ class DemoSettings:
     prompt_seed: int = 0
     """Seed of the prompts and of their split: runs with another `seed` are judged on the same held-out
     prompts, never on the tuning ones."""
+
+    def __post_init__(self) -> None:
+        for sampler in (self.train_sampling, self.eval_sampling, self.search_sampling):
+            sampler()  # a bad sampling value fails here, before any stage runs
+
+    def _sampling(self, seed: int, **warping) -> SamplingArgs:
+        return SamplingArgs(max_new_tokens=self.max_new_tokens, batch_size=self.sample_batch_size, seed=seed, **warping)
+
+    def train_sampling(self, stage: int = 0) -> SamplingArgs:
+        """The sampler of the samples the weak pair is made from (top_k `train_top_k`), seeded `seed + stage`
+        (0: the strong model's samples to distil, 1: the weak model's samples to pair)."""
+        return self._sampling(self.seed + stage, top_k=self.train_top_k)
+
+    def eval_sampling(self) -> SamplingArgs:
+        """The sampler of the results table's rows: untempered, all tokens (so their KL estimates are unbiased);
+        the steered decoding rows (proxy) draw with it too."""
+        return self._sampling(self.seed + 2)
+
+    def search_sampling(self) -> SamplingArgs:
+        """The sampler of the search rows (best-of-N, CBS) and of the strong base they are compared with."""
+        return self._sampling(self.seed + 2, temperature=self.search_temperature, top_k=self.search_top_k)
 
 
 PRESETS = {

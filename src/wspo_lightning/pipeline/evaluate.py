@@ -42,7 +42,8 @@ class EvalRow:
     name: str
     """Row label, e.g. "strong + WSPO (gamma=1)"."""
     samples: str
-    """Scored samples (JSONL with prompt, response, response_ids, logp, num_tokens, reward)."""
+    """Scored samples (JSONL with prompt, response, response_ids, logp, num_tokens, reward; `completion` instead of
+    `response`, as older versions of `wspo generate` wrote, is read too)."""
     baseline: str | None = None
     """Name of the row this one's paired difference is taken against (None: evaluate's `baseline`), e.g.
     a strong base sampled as this row's sampler samples."""
@@ -207,9 +208,13 @@ def evaluate(
         if wanted not in names:
             raise InputError(f"evaluate: baseline {wanted!r} is not one of the rows {names}")
     data = {
-        r.name: read_jsonl(r.samples, required=["id", "prompt", "response", "response_ids", "logp", "reward"])
+        r.name: read_jsonl(
+            r.samples, required=["id", "prompt", ("response", "completion"), "response_ids", "logp", "reward"]
+        )
         for r in rows
     }
+    for record in (record for records in data.values() for record in records):
+        record.setdefault("response", record.get("completion"))  # a file of an older `wspo generate`
     cache_dir = Path(out).with_name(Path(out).stem + "_logps")
     model = renderer = None
     for i, row in enumerate(rows):

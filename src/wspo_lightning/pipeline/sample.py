@@ -1,149 +1,124 @@
-"""Stage `sample`: completions of prompts from one model, with their log-likelihood under the sampler.
+"""Stage `sample`: responses of one model to prompts, with their log-likelihood under the sampler.
 
-Plain `transformers` generation, batched with left padding, prompts rendered and stopped as in
-training (`Renderer`: the chat template's end-of-turn is a stop id). Each output record keeps the
-response text, its token ids as drawn (the stop token included), whether a stop id ended it
-(`finished`; False: cut by `max_new_tokens`), the renderer's fingerprint, and `logp` = sum_t log q(y_t | x,
-y_<t) under the distribution it was drawn from (temperature, top_k and top_p applied), so `evaluate` can
-estimate KL(sampler || reference) from the samples.
+Drawn by the project's one generate path (`wspo_lightning.decoding.generation.generate_responses`): prompts
+rendered and responses stopped as in training (`Renderer`: the chat template's end-of-turn is a stop id), each
+response from its own generator seeded by (seed, prompt position, sample index). Each output record keeps the
+response text, its token ids as drawn (the stop token included), whether a stop ended it (`finished`; False: cut by
+`max_new_tokens`), the renderer's fingerprint, and `logp` = sum_t log q(y_t | x, y_<t) under the distribution it
+was drawn from (temperature, top_k and top_p applied), so `evaluate` can estimate KL(sampler || reference).
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
-import torch
 from tqdm.auto import tqdm
 
-from wspo_lightning.commands import run_function
+from wspo_lightning.commands import parse
+from wspo_lightning.decoding.args import SamplingArgs
+from wspo_lightning.decoding.generation import Response, generate_responses
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
 from wspo_lightning.io import read_jsonl, write_jsonl
-from wspo_lightning.logprobs import cut_at_stop, left_pad
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
 from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
 
 
-def sample(
-    model: ModelSpec,
-    prompts: str,
-    out: str,
-    num_samples: int = 1,
-    max_new_tokens: int = 48,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    batch_size: int = 32,
-    seed: int = 0,
-    limit: int | None = None,
-    use_chat_template: bool = True,
-    prompt_template: str = "{prompt}",
-    device: str = "auto",
-    force: bool = False,
-) -> Path:
-    """Sample `num_samples` responses per prompt and write them as JSONL.
+@dataclass(kw_only=True)
+class SampleConfig(SamplingArgs):
+    """Sample responses of one model to the prompts of a JSONL file and write them as JSONL."""
 
-    Args:
-        model: the model to sample from.
-        prompts: JSONL with a `prompt` field per record (text or messages; an optional `id`).
-        out: output JSONL: id, prompt, sample, response, response_ids, finished, logp, num_tokens,
-            tokenizer_fingerprint.
-        num_samples: responses per prompt.
-        max_new_tokens: response length cap in tokens.
-        temperature: sampling temperature.
-        top_k: keep the k most likely tokens (0: all).
-        top_p: nucleus sampling mass (1: all).
-        batch_size: sequences generated together.
-        seed: base seed; batch i uses seed + i, so a rerun gives the same samples.
-        limit: use only the first `limit` prompts.
-        use_chat_template: render prompts with the tokenizer's chat template when it has one.
-        prompt_template: plain template with a `{prompt}` field, used without a chat template.
-        device: "auto" (a GPU when there is one), "cpu", "cuda", "cuda:1", ...
-        force: redo even if `out` exists.
-    """
-    if done("sample", out, force):
+    where: ClassVar[str] = "sample"
+
+    model: ModelSpec
+    """The model to sample from."""
+    prompts: str
+    """JSONL with a `prompt` field per record (text or messages; an optional `id`)."""
+    out: str
+    """Output JSONL: id, prompt, sample, response, response_ids, finished, logp, num_tokens, tokenizer_fingerprint."""
+    num_samples: int = 1
+    """Responses per prompt."""
+    limit: int | None = None
+    """Use only the first `limit` prompts."""
+    use_chat_template: bool = True
+    """Render prompts with the tokenizer's chat template when it has one."""
+    prompt_template: str = "{prompt}"
+    """Plain template with a `{prompt}` field, used without a chat template."""
+    device: str = "auto"
+    """auto (a GPU when there is one), cpu, cuda, cuda:1, ..."""
+    force: bool = False
+    """Redo even if `out` exists."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_samples < 1:
+            raise InputError(f"sample: num_samples must be >= 1, got {self.num_samples}")
+        if self.limit is not None and self.limit < 1:
+            raise InputError(f"sample: limit must be >= 1 or null, got {self.limit}")
+
+
+def sample(model: ModelSpec, prompts: str, out: str, **options: Any) -> Path:
+    """Sample responses and write them as JSONL (`SampleConfig`: `options` are its other fields, such as
+    num_samples, max_new_tokens, temperature, top_k, seed, batch_size, force)."""
+    return run(SampleConfig(model=model, prompts=prompts, out=out, **options))
+
+
+def run(config: SampleConfig) -> Path:
+    """Run `config`; returns the output path."""
+    out = config.out
+    if done("sample", out, config.force):
         return Path(out)
-    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise InputError("sample: num_samples, max_new_tokens and batch_size must be >= 1")
-    records = read_jsonl(prompts, required=["prompt"])[:limit]
-    check_model_path(model, "model")
-    say("sample", f"{len(records)} prompts x {num_samples} from {model.path} -> {out}")
-    renderer = Renderer(load_tokenizer(model), use_chat_template, prompt_template, name=model.path)
-    lm = load_model(model, trainable=False, device=resolve_device(device))
-    jobs = [(i, r, k) for i, r in enumerate(records) for k in range(num_samples)]
-    rows, start, new_tokens = [], time.perf_counter(), 0
-    bar = tqdm(total=len(jobs), desc=f"sample {Path(model.path).name}", unit="seq", dynamic_ncols=True)
-    for b, first in enumerate(range(0, len(jobs), batch_size)):
-        batch = jobs[first : first + batch_size]
-        torch.manual_seed(seed + b)
-        generated = generate(
-            lm, renderer, [r["prompt"] for _, r, _ in batch], max_new_tokens, temperature, top_k, top_p
-        )
-        for (i, record, k), g in zip(batch, generated):
-            rows.append({"id": str(record.get("id", i)), "prompt": record["prompt"], "sample": k, **g})
-            new_tokens += g["num_tokens"]
+    records = read_jsonl(config.prompts, required=["prompt"])[: config.limit]
+    check_model_path(config.model, "model")
+    n = config.num_samples
+    say("sample", f"{len(records)} prompts x {n} from {config.model.path} -> {out}")
+    renderer = Renderer(
+        load_tokenizer(config.model), config.use_chat_template, config.prompt_template, name=config.model.path
+    )
+    lm = load_model(config.model, trainable=False, device=resolve_device(config.device))
+    start, new_tokens = time.perf_counter(), 0
+    bar = tqdm(total=len(records) * n, desc=f"sample {Path(config.model.path).name}", unit="seq", dynamic_ncols=True)
+
+    def progress(batch: list[Response]) -> None:
+        nonlocal new_tokens
+        new_tokens += sum(len(r.token_ids) for r in batch)
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
+
+    responses = generate_responses(
+        lm, renderer, [r["prompt"] for r in records], config.sampling(), num_samples=n, progress=progress
+    )
     bar.close()
+    rows = []
+    for j, response in enumerate(responses):
+        i, k = divmod(j, n)  # prompt-major: the prompt at position i, its sample k
+        rows.append(
+            {
+                "id": str(records[i].get("id", i)),
+                "prompt": records[i]["prompt"],
+                "sample": k,
+                "response": response.text,
+                "response_ids": response.token_ids,
+                "logp": response.logp,
+                "num_tokens": len(response.token_ids),
+                "finished": response.finished,
+                "tokenizer_fingerprint": renderer.fingerprint,
+            }
+        )
     write_jsonl(out, rows)
     finished = sum(r["finished"] for r in rows)
     say(
         "sample",
-        f"wrote {len(rows)} samples ({finished} ended by a stop token, {len(rows) - finished} cut at "
-        f"{max_new_tokens} tokens; {new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}",
+        f"wrote {len(rows)} samples ({finished} ended by a stop, {len(rows) - finished} cut at "
+        f"{config.max_new_tokens} tokens; {new_tokens / (time.perf_counter() - start):.0f} tokens/s) to {out}",
     )
     return Path(out)
 
 
-@torch.no_grad()
-def generate(
-    lm,
-    renderer: Renderer,
-    prompts: list,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-) -> list[dict]:
-    """One sampled response per prompt: `{response, response_ids, logp, num_tokens, finished,
-    tokenizer_fingerprint}` (see the module docstring)."""
-    stop = renderer.stop_ids(lm)
-    pad = renderer.pad_id
-    input_ids, attention_mask = left_pad(renderer.prompt_ids(prompts), pad, lm.device)
-    out = lm.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=stop,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[:, input_ids.shape[1] :]  # [batch, new]
-    scores = torch.stack(out.scores, dim=1).float()  # [batch, new, vocab]: what the draw was made from
-    token_logps = torch.log_softmax(scores, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # [batch, new]
-    keep, finished = cut_at_stop(tokens, stop)
-    results = []
-    for row in range(tokens.shape[0]):
-        ids = tokens[row][keep[row]].tolist()
-        results.append(
-            {
-                "response": renderer.decode(ids),
-                "response_ids": ids,
-                "logp": float(token_logps[row][keep[row]].sum()),
-                "num_tokens": len(ids),
-                "finished": bool(finished[row]),
-                "tokenizer_fingerprint": renderer.fingerprint,
-            }
-        )
-    return results
-
-
 def main(argv: list[str] | None = None) -> int:
-    return run_function(sample, argv, "wspo sample")
+    run(SampleConfig(**parse(SampleConfig, argv, "wspo sample")))
+    return 0

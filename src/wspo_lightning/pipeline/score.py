@@ -29,8 +29,8 @@ def score(
     """Score each record's `response` with `reward` and write the records with a `reward` field.
 
     Args:
-        samples: JSONL with `prompt` and `response` fields (the output of `wspo sample`), or `completion`
-            (the output of `wspo generate`, copied to `response`).
+        samples: JSONL with `prompt` and `response` fields (the output of `wspo sample` or `wspo generate`); a
+            file of an older version with `completion` instead is read too (copied to `response`).
         out: output JSONL: the input records plus `reward`.
         reward: `vader`, `rm:PATH` (a reward model folder), the import path of a reward class or function,
             or a class_path / init_args block (see `wspo_lightning.rewards.load_reward`).
@@ -40,7 +40,7 @@ def score(
     if done("score", out, force):
         return Path(out)
     records = read_jsonl(samples, required=["prompt", ("response", "completion")])
-    for record in records:  # `wspo generate` writes `completion`: later stages read `response`
+    for record in records:  # older versions of `wspo generate` wrote `completion`
         record.setdefault("response", record.get("completion"))
     scorer = load_reward(reward)
     name = describe(reward)
