@@ -60,17 +60,32 @@ def test_a_config_printed_by_one_command_feeds_every_other(tiny_world, tmp_path,
             assert wspo_main([command, "--config", str(printed[source]), *quick]) == 0, (source, command)
 
 
-def test_fsdp_recipe_wraps_and_checkpoints_qwen2_decoder_layers():
+def test_fsdp_recipe_wraps_qwen2_decoder_layers_and_a_strategy_file_over_it_keeps_activation_checkpointing(capsys):
     from jsonargparse import ArgumentParser
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
-    recipe = yaml.safe_load((ROOT / "configs" / "recipes" / "qwen2_1.5b_to_7b_fsdp.yaml").read_text())
+    path = ROOT / "configs" / "recipes" / "qwen2_1.5b_to_7b_fsdp.yaml"
+    recipe = yaml.safe_load(path.read_text())
     parser = ArgumentParser()
     parser.add_argument("--strategy", type=FSDPStrategy)
     strategy = parser.instantiate(parser.parse_object({"strategy": recipe["trainer"]["strategy"]})).strategy
     assert strategy.kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
-    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {Qwen2DecoderLayer}
+    # activation checkpointing is the policy's, so it survives any strategy file put over the recipe
+    for strategy_file in ("fsdp2.yaml", "ddp.yaml", "fsdp.yaml"):
+        with pytest.raises(SystemExit):
+            run_cli(
+                [
+                    "fit",
+                    "--config",
+                    str(path),
+                    "--config",
+                    str(ROOT / "configs" / "strategies" / strategy_file),
+                    "--print_config",
+                ]
+            )
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["init_args"]["policy"]["gradient_checkpointing"] is True, strategy_file
 
 
 @pytest.mark.parametrize("config", GENERATE_CONFIGS, ids=[p.name for p in GENERATE_CONFIGS])

@@ -3,46 +3,14 @@ columns, subsets), Hub ids offline, and a short `wspo fit` on a Hub-layout folde
 
 from __future__ import annotations
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from helpers import fit, metrics, tiny_config
+from helpers import fit, metrics, tiny_config, ultrafeedback_rows, write_hub_layout
 
 from wspo_lightning.cli import main as wspo
 from wspo_lightning.data import PreferenceDataModule, load_records
 from wspo_lightning.data.hub import is_hub_id
 from wspo_lightning.errors import InputError
 from wspo_lightning.tiny import preference_records
-
-
-def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
-    """Rows shaped as HuggingFaceH4/ultrafeedback_binarized's: a prompt string beside whole conversations."""
-    rows = []
-    for r in preference_records(n, seed):
-        user = {"role": "user", "content": r["prompt"]}
-        chosen = [user, {"role": "assistant", "content": r["chosen"]}]
-        rows.append(
-            {
-                "prompt": r["prompt"],
-                "prompt_id": r["id"],
-                "chosen": chosen,
-                "rejected": [user, {"role": "assistant", "content": r["rejected"]}],
-                "messages": chosen,
-                "score_chosen": 8.0,
-                "score_rejected": 3.5,
-            }
-        )
-    return rows
-
-
-def write_hub_layout(folder, splits: dict[str, list[dict]], subset: str | None = None):
-    """A dataset folder as `hf download --repo-type dataset` leaves it: data/{split}-00000-of-00001.parquet
-    (under data/{subset}/ with a README declaring the subsets when `subset` is given)."""
-    data = folder / "data" / (subset or "")
-    data.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        pq.write_table(pa.Table.from_pylist(rows), data / f"{split}-00000-of-00001.parquet")
-    return folder
 
 
 def _write_subsets_readme(folder, subsets: dict[str, list[str]]):

@@ -8,6 +8,7 @@ and ignores them, and every command accepts the `precompute:` options and ignore
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from collections.abc import Sequence
@@ -30,6 +31,7 @@ from wspo_lightning.resume import (
     written_values,
 )
 
+log = logging.getLogger(__name__)
 SUBCOMMANDS = ("fit", "validate", "test")
 
 
@@ -94,7 +96,21 @@ class WSPOLightningCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         add_fault_defaults(trainer)
         self._warn_slow_precision(trainer)
+        self._warn_double_checkpointing(trainer)
         return trainer
+
+    def _warn_double_checkpointing(self, trainer) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        spec = getattr(self.model, "policy_spec", None)
+        strategy = trainer.strategy
+        if isinstance(strategy, FSDPStrategy) and strategy._activation_checkpointing_kwargs and spec is not None:
+            if spec.gradient_checkpointing:
+                log.warning(
+                    "FSDPStrategy.activation_checkpointing_policy and model.policy.gradient_checkpointing both "
+                    "recompute activations: each layer would be recomputed twice; keep the policy's and drop the "
+                    "strategy's"
+                )
 
     def _warn_slow_precision(self, trainer) -> None:
         from lightning.pytorch.accelerators import CPUAccelerator

@@ -239,9 +239,33 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         self._configured_groups = optim.group_settings(configured["optimizer"])
         return configured
 
+    def _frozen_quantized_base(self) -> set[str]:
+        """State-dict keys of a quantized (QLoRA) policy's frozen base: it reloads from `policy.path`, and
+        bitsandbytes cannot load its packed weights and quantization state back through `load_state_dict`."""
+        if self.policy is None or self.policy_spec.quantization == "none":
+            return set()
+        trained = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+        return {key for key in self.state_dict() if key.startswith("policy.") and key not in trained}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        base = self._frozen_quantized_base()
+        if base:  # a QLoRA checkpoint holds the adapters (MBs), not the 4-bit base (GBs)
+            prefixes = tuple(f"{key}." for key in base)
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in base and not k.startswith(prefixes)}
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for line in changed_hyperparameters(checkpoint.get("hyper_parameters") or {}, dict(self.hparams)):
             _warn(line)
+        base = self._frozen_quantized_base()
+        if base:
+            prefixes = tuple(f"{key}." for key in base)
+            state = checkpoint["state_dict"]  # (older checkpoints hold the base too: it is dropped)
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in base and not k.startswith(prefixes)}
+            missing = sorted(set(self.state_dict()) - base - set(checkpoint["state_dict"]))
+            if missing:
+                raise InputError(f"the checkpoint lacks trained weights of the policy, e.g. {missing[:3]}")
+            self.strict_loading = False  # the base's keys are absent on purpose
 
     def on_train_start(self) -> None:
         # A resumed optimizer state brings the old run's settings (weight decay, peak learning rate): the
