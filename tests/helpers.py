@@ -295,3 +295,16 @@ def write_hub_layout(folder, splits: dict[str, list[dict]], subset: str | None =
     for split, rows in splits.items():
         pq.write_table(pa.Table.from_pylist(rows), data / f"{split}-00000-of-00001.parquet")
     return folder
+
+
+def generate_yaml(world: Path, path: Path, **settings) -> Path:
+    """A `wspo generate` config over the tiny world's models and validation prompts, plus `settings`."""
+    config = {
+        "strong": {"path": str(world / "policy")},
+        "weak_base": {"path": str(world / "weak_base")},
+        "weak_aligned": {"path": str(world / "weak_aligned")},
+        "prompts": str(world / "val.jsonl"),
+        **settings,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import yaml
+from helpers import generate_yaml
 
 from wspo_lightning.decoding.command import main
 from wspo_lightning.errors import InputError
@@ -13,24 +14,19 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture
 def gen_yaml(tiny_world, tmp_path):
-    config = {
-        "strong": {"path": str(tiny_world / "policy")},
-        "weak_base": {"path": str(tiny_world / "weak_base")},
-        "weak_aligned": {"path": str(tiny_world / "weak_aligned")},
-        "prompts": str(tiny_world / "val.jsonl"),
-        "out": str(tmp_path / "out.jsonl"),
-        "method": "cbs",
-        "beam_width": 2,
-        "num_continuations": 2,
-        "chunk_length": 3,
-        "max_new_tokens": 8,
-        "limit": 3,
-        "batch_size": 2,
-        "reward": "vader",
-    }
-    path = tmp_path / "gen.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return generate_yaml(
+        tiny_world,
+        tmp_path / "gen.yaml",
+        out=str(tmp_path / "out.jsonl"),
+        method="cbs",
+        beam_width=2,
+        num_continuations=2,
+        chunk_length=3,
+        max_new_tokens=8,
+        limit=3,
+        batch_size=2,
+        reward="vader",
+    )
 
 
 def read_jsonl(path):

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import generate_yaml
 
 from wspo_lightning.cli import main
 from wspo_lightning.decoding.command import GenerateConfig
@@ -57,19 +57,14 @@ def not_a_method(decoder, prompts):
 
 @pytest.fixture
 def gen_yaml(tiny_world, tmp_path):
-    config = {
-        "strong": {"path": str(tiny_world / "policy")},
-        "weak_base": {"path": str(tiny_world / "weak_base")},
-        "weak_aligned": {"path": str(tiny_world / "weak_aligned")},
-        "prompts": str(tiny_world / "val.jsonl"),
-        "max_new_tokens": 6,
-        "limit": 4,
-        "batch_size": 2,
-        "best_of": 3,
-    }
-    path = tmp_path / "gen.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return generate_yaml(
+        tiny_world,
+        tmp_path / "gen.yaml",
+        max_new_tokens=6,
+        limit=4,
+        batch_size=2,
+        best_of=3,
+    )
 
 
 def generated(gen_yaml, out: Path, method: str) -> list[dict]:
