@@ -127,6 +127,27 @@ class Renderer:
                 )
         return [list(row) for row in ids]
 
+    def fit_prompt(self, prompt: Prompt, budget: int) -> list[int]:
+        """The prompt's ids in at most `budget` tokens, cut inside the last user message's content (its end
+        kept, as it sits next to the response), so the template's header, the system turn and the generation
+        prompt stay whole. When those alone exceed the budget, the ids are cut from the left (at least one kept)."""
+        ids = self.prompt_ids([prompt])[0]
+        if len(ids) <= budget:
+            return ids
+        messages = as_messages(prompt) if self.chat else [{"role": "user", "content": plain_text(prompt)}]
+        users = [i for i, m in enumerate(messages) if m["role"] == "user" and isinstance(m.get("content"), str)]
+        if users:
+            last = users[-1]
+            content = self.tokenizer(messages[last]["content"], add_special_tokens=False)["input_ids"]
+            keep = len(content) - (len(ids) - budget)
+            while keep > 0:  # re-tokenising the cut text can merge tokens differently: shrink until it fits
+                cut = [*messages[:last], {**messages[last], "content": self.tokenizer.decode(content[-keep:])}]
+                candidate = self.prompt_ids([cut if self.chat else cut[last]["content"]])[0]
+                if len(candidate) <= budget:
+                    return candidate
+                keep -= len(candidate) - budget
+        return ids[-max(1, budget) :]
+
     # ---- responses ---------------------------------------------------------------------------------
     def response_ids(
         self,

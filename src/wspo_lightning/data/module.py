@@ -53,8 +53,9 @@ class PreferenceDataModule(pl.LightningDataModule):
         test_split: split of the test data; None: 'test'.
         dataset_config: subset of a dataset with several (`name=` of `datasets.load_dataset`).
         dataset_revision: branch, tag or commit of a Hub dataset.
-        max_length: most tokens of prompt plus response; longer records lose prompt tokens from the
-            left first, then response tokens from the right.
+        max_length: most tokens of prompt plus response; a longer record's prompt is cut first, inside
+            the user's content (the template's header and system turn kept), then responses from the right.
+        max_prompt_length: most prompt tokens (None: only max_length limits them), cut the same way.
         batch_size: training records per batch (per device).
         eval_batch_size: validation and test records per batch; None uses `batch_size`.
         num_workers: DataLoader worker processes.
@@ -76,6 +77,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_path: str | None = None,
         max_length: int = 512,
+        max_prompt_length: int | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -96,6 +98,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             raise InputError(f"data.val_fraction={val_fraction}: expected a number in [0, 1).")
         for name, value in (
             ("max_length", max_length),
+            ("max_prompt_length", max_prompt_length or 1),
             ("batch_size", batch_size),
             ("eval_batch_size", eval_batch_size or 1),
         ):
@@ -107,6 +110,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             )
         self.train_path, self.tokenizer_path, self.val_path, self.test_path = train_path, tokenizer, val_path, test_path
         self.val_fraction, self.max_length, self.seed = val_fraction, max_length, seed
+        self.max_prompt_length = max_prompt_length
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
         self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
         self.trust_remote_code, self.group_by_length = trust_remote_code, group_by_length
@@ -163,7 +167,8 @@ class PreferenceDataModule(pl.LightningDataModule):
             _info("prompts use the plain template %r (use_chat_template is off)", self.prompt_template)
         splits = {"train": train, "val": val, "test": test}
         self.features = {
-            split: tokenize_records(records, renderer, self.max_length) for split, records in splits.items()
+            split: tokenize_records(records, renderer, self.max_length, self.max_prompt_length)
+            for split, records in splits.items()
         }
         stats = {split: sum(f["truncated"] for f in feats) for split, feats in self.features.items()}
         stats.update(truncated=sum(stats.values()), total=sum(map(len, splits.values())), max_length=self.max_length)
@@ -214,7 +219,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             }
             for i, (prompt, text, ids, done) in enumerate(zip(prompts, responses, response_ids, finished))
         ]
-        features = tokenize_records(records, self.renderer, self.max_length)
+        features = tokenize_records(records, self.renderer, self.max_length, self.max_prompt_length)
         if self.weak_renderer is not None:
             add_weak_features(records, features, self.renderer, self.weak_renderer, self.max_length)
         return collate(features, **self.pad_ids())

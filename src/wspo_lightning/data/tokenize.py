@@ -17,15 +17,20 @@ log = logging.getLogger(__name__)
 
 
 def tokenize_records(
-    records: Sequence[dict], renderer: Renderer, max_length: int, chunk_size: int = 1024
+    records: Sequence[dict],
+    renderer: Renderer,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    chunk_size: int = 1024,
 ) -> list[dict]:
     """Records of `load_records` -> features `{index, id, prompt_ids, chosen_ids, rejected_ids | None, truncated}`.
 
     Prompt and responses are rendered by `renderer` (a finished response ends with the end-of-turn, a cut one
     without it). Response ids a pipeline kept from sampling are used as drawn when the record's
-    `tokenizer_fingerprint` equals the renderer's, else the text is rendered again. Over `max_length`, the
-    prompt is cut from the left first (one token at least kept), by the longer response's need so chosen and
-    rejected share it, then responses from the right (a response cut so loses its end-of-turn).
+    `tokenizer_fingerprint` equals the renderer's, else the text is rendered again. Over `max_length` (or
+    `max_prompt_length`), the prompt is cut first, by the longer response's need so chosen and rejected share it,
+    inside the user's content so the template's header and system turn stay (`Renderer.fit_prompt`); then
+    responses from the right (a response cut so loses its end-of-turn).
     """
     features, reused, stale = [], 0, 0
     for start in range(0, len(records), chunk_size):
@@ -54,7 +59,12 @@ def tokenize_records(
                 ids[i] = row
             responses[side] = ids
         for i, record in enumerate(chunk):
-            feature = _truncate(record, prompts[i], responses["chosen"][i], responses["rejected"][i], max_length)
+            chosen, rejected, prompt = responses["chosen"][i], responses["rejected"][i], prompts[i]
+            budget = max(1, max_length - max(len(chosen), len(rejected or ())))
+            budget = min(budget, max_prompt_length or budget)
+            fitted = prompt if len(prompt) <= budget else renderer.fit_prompt(record["prompt"], budget)
+            feature = _truncate(record, fitted, chosen, rejected, max_length)
+            feature["truncated"] |= fitted is not prompt
             features.append({"index": start + i, "id": record["id"], **feature})
     if reused or stale:
         log.info(
@@ -66,9 +76,9 @@ def tokenize_records(
     return features
 
 
-def tokenize_record(record: dict, renderer: Renderer, max_length: int) -> dict:
+def tokenize_record(record: dict, renderer: Renderer, max_length: int, max_prompt_length: int | None = None) -> dict:
     """One record -> its feature (see `tokenize_records`), with `index` 0."""
-    return tokenize_records([record], renderer, max_length)[0]
+    return tokenize_records([record], renderer, max_length, max_prompt_length)[0]
 
 
 def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list[int] | None, max_length: int) -> dict:
