@@ -285,3 +285,34 @@ def held_out(records: list[dict], train: list[dict], kind: str) -> list[dict]:
                 f"({train_ids[record['id']]}). Keep {kind} records out of training.",
             )
     return records
+
+
+def load_prompts(
+    path: str | Path, split: str | Sequence[str] | None = None, column: str = "prompt", limit: int | None = None
+) -> list[dict]:
+    """The prompts of any file or dataset `load_records` reads: each record with `prompt` taken from `column`,
+    a string or a conversation (a trailing assistant turn, as in a `messages` column, is dropped: the prompt is
+    what comes before the response), and an `id` (the record's, its `prompt_id`, else its place); other fields
+    kept. The first bad record raises `InputError` naming it and the column."""
+    if is_hub_id(path) or Path(path).is_dir():
+        rows = read_dataset_rows(path, split)
+    else:
+        if not Path(path).is_file():
+            raise located(
+                path, None, None, "file not found. Give a .jsonl/.json/.parquet file, a dataset folder or id."
+            )
+        rows = _read_rows(Path(path))
+    prompts = []
+    for where, default_id, raw in rows[:limit]:
+        if not isinstance(raw, dict) or column not in raw:
+            raise located(where, None, column, "missing. Name the field holding the prompt with prompt_column")
+        value = raw[column]
+        if isinstance(value, list):
+            value = _messages(raw, column, where)
+            value = value[:-1] if len(value) > 1 and value[-1].get("role") == "assistant" else value
+        elif not (isinstance(value, str) and value.strip()):
+            raise _expected(where, column, "a non-empty string (the prompt) or a list of messages", value)
+        prompts.append({**raw, "prompt": value, "id": str(raw.get("id", raw.get("prompt_id", default_id)))})
+    if not prompts:
+        raise located(path, None, None, "no prompts found. Point to a file holding records.")
+    return prompts

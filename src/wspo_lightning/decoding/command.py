@@ -7,17 +7,18 @@ commented; docs/decoding.md describes the options, their old names and the seedi
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
 from wspo_lightning.commands import parse
+from wspo_lightning.data.records import load_prompts
 from wspo_lightning.decoding.args import SamplingArgs, renamed
 from wspo_lightning.decoding.methods import methods_help, resolve_method
+from wspo_lightning.decoding.shards import POSITION, launch_rank, my_positions, rank_device, write_rows
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
-from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.io import read_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.rewards import load_reward
 
@@ -31,7 +32,13 @@ class GenerateConfig(SamplingArgs):
     strong: ModelSpec
     """The frozen strong model that writes the responses."""
     prompts: str
-    """JSONL file with a `prompt` string on every line."""
+    """Prompts: a .jsonl/.json/.parquet file, a dataset folder (`save_to_disk` or the Hub's layout) or a Hub
+    dataset id, with a prompt per record (text or messages)."""
+    prompt_column: str = "prompt"
+    """The field holding the prompt: a string, or a conversation (e.g. `messages`, its final assistant turn
+    dropped)."""
+    split: str | None = None
+    """The split of a dataset with several (e.g. test_prefs)."""
     out: str = "generations.jsonl"
     """Output JSONL per line: id (if the prompt has one), prompt, response, score (weak-pair reward), finished,
     response_ids and num_tokens (strong tokens), logp (log-likelihood under the sampler; null for cbs and bon),
@@ -111,14 +118,6 @@ class GenerateConfig(SamplingArgs):
         return out
 
 
-def read_prompts(path: str | Path, limit: int | None = None) -> list[dict]:
-    """Records of a JSONL file, each with a non-empty `prompt` string (other fields kept)."""
-    records = read_jsonl(path, required=["prompt"], texts=["prompt"])[:limit]
-    if not records:
-        raise InputError(f"{path}: no prompts (expected JSONL with a `prompt` field per line)")
-    return records
-
-
 def main(argv: list[str] | None = None) -> int:
     """`wspo generate [--config gen.yaml] [--flag value ...]`; returns the exit code."""
     generate(GenerateConfig(**parse(GenerateConfig, argv, "wspo generate", extra_help={"method": methods_help()})))
@@ -132,12 +131,17 @@ def generate(config: GenerateConfig) -> list[dict]:
     from wspo_lightning.decoding.runner import Decoder
     from wspo_lightning.models import check_model_path
 
-    records = read_prompts(config.prompts, config.limit)  # bad input fails before any model loads
+    # bad input fails before any model loads; under torchrun this rank takes its share of the prompts
+    every = load_prompts(config.prompts, config.split, config.prompt_column, config.limit)
+    positions = my_positions(len(every))
+    records = [every[i] for i in positions]
+    if launch_rank()[1] > 1 and config.seed is None:
+        raise InputError("generate: give a seed to split the prompts over ranks (each rank would draw its own)")
     for role in ("strong", "weak_base", "weak_aligned"):
         if getattr(config, role) is not None:
             check_model_path(getattr(config, role), role)
     reward = load_reward(config.reward) if config.reward else None
-    device = torch.device(resolve_device(config.device))
+    device = torch.device(resolve_device(rank_device(config.device)))
     method = resolve_method(config.method)
     decoder = Decoder(config, device, shared_vocabulary=method.needs_shared_vocabulary)
     settings = config.settings() | {"seed": decoder.seed}  # a fresh seed (seed: null) is recorded, to rerun
@@ -147,11 +151,11 @@ def generate(config: GenerateConfig) -> list[dict]:
         for first in range(0, len(records), per_batch):
             batch = records[first : first + per_batch]
             prompts = [r["prompt"] for r in batch]
-            decoder.indices = list(range(first, first + len(batch)))  # positions in the file seed the draws
+            decoder.indices = positions[first : first + len(batch)]  # positions in the file seed the draws
             generations = method.decode(decoder, prompts)
             rewards = reward(prompts, [g.response for g in generations]) if reward is not None else [None] * len(batch)
-            for record, g, value in zip(batch, generations, rewards):
-                row = {"id": record["id"]} if "id" in record else {}
+            for position, record, g, value in zip(decoder.indices, batch, generations, rewards):
+                row = {POSITION: position, "id": record["id"]}
                 row.update(
                     prompt=record["prompt"],
                     response=g.response,
@@ -167,8 +171,9 @@ def generate(config: GenerateConfig) -> list[dict]:
                 row["settings"] = settings
                 out.append(row)
             bar.update(len(batch))
-    write_jsonl(config.out, out)
-    _report(config, out)
+    if write_rows(config.out, out):  # rank 0 (or the only process) writes the whole file and reports
+        out = read_jsonl(config.out)
+        _report(config, out)
     return out
 
 

@@ -18,11 +18,13 @@ from typing import Any, ClassVar
 from tqdm.auto import tqdm
 
 from wspo_lightning.commands import parse
+from wspo_lightning.data.records import load_prompts
 from wspo_lightning.decoding.args import SamplingArgs
 from wspo_lightning.decoding.generation import Response, generate_responses
+from wspo_lightning.decoding.shards import POSITION, my_positions, rank_device, write_rows
 from wspo_lightning.errors import InputError
 from wspo_lightning.hardware import resolve_device
-from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.io import read_jsonl
 from wspo_lightning.models import ModelSpec, check_model_path, load_model, load_tokenizer
 from wspo_lightning.pipeline.stage import done, say
 from wspo_lightning.render import Renderer
@@ -37,7 +39,13 @@ class SampleConfig(SamplingArgs):
     model: ModelSpec
     """The model to sample from."""
     prompts: str
-    """JSONL with a `prompt` field per record (text or messages; an optional `id`)."""
+    """Prompts: a .jsonl/.json/.parquet file, a dataset folder (`save_to_disk` or the Hub's layout) or a Hub
+    dataset id, with a prompt per record (text or messages; an optional `id`)."""
+    prompt_column: str = "prompt"
+    """The field holding the prompt: a string, or a conversation (e.g. `messages`, its final assistant turn
+    dropped)."""
+    split: str | None = None
+    """The split of a dataset with several (e.g. test_prefs)."""
     out: str
     """Output JSONL: id, prompt, sample, response, response_ids, finished, logp, num_tokens, tokenizer_fingerprint."""
     num_samples: int = 1
@@ -72,14 +80,16 @@ def run(config: SampleConfig) -> Path:
     out = config.out
     if done("sample", out, config.force):
         return Path(out)
-    records = read_jsonl(config.prompts, required=["prompt"])[: config.limit]
+    every = load_prompts(config.prompts, config.split, config.prompt_column, config.limit)
+    positions = my_positions(len(every))  # all of them, or this rank's share under torchrun
+    records = [every[i] for i in positions]
     check_model_path(config.model, "model")
     n = config.num_samples
-    say("sample", f"{len(records)} prompts x {n} from {config.model.path} -> {out}")
+    say("sample", f"{len(records)} of {len(every)} prompts x {n} from {config.model.path} -> {out}")
     renderer = Renderer(
         load_tokenizer(config.model), config.use_chat_template, config.prompt_template, name=config.model.path
     )
-    lm = load_model(config.model, trainable=False, device=resolve_device(config.device))
+    lm = load_model(config.model, trainable=False, device=resolve_device(rank_device(config.device)))
     start, new_tokens = time.perf_counter(), 0
     bar = tqdm(total=len(records) * n, desc=f"sample {Path(config.model.path).name}", unit="seq", dynamic_ncols=True)
 
@@ -90,7 +100,13 @@ def run(config: SampleConfig) -> Path:
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - start):.0f}")
 
     responses = generate_responses(
-        lm, renderer, [r["prompt"] for r in records], config.sampling(), num_samples=n, progress=progress
+        lm,
+        renderer,
+        [r["prompt"] for r in records],
+        config.sampling(),
+        num_samples=n,
+        indices=positions,
+        progress=progress,
     )
     bar.close()
     rows = []
@@ -98,7 +114,8 @@ def run(config: SampleConfig) -> Path:
         i, k = divmod(j, n)  # prompt-major: the prompt at position i, its sample k
         rows.append(
             {
-                "id": str(records[i].get("id", i)),
+                POSITION: positions[i],
+                "id": str(records[i]["id"]),
                 "prompt": records[i]["prompt"],
                 "sample": k,
                 "response": response.text,
@@ -109,7 +126,9 @@ def run(config: SampleConfig) -> Path:
                 "tokenizer_fingerprint": renderer.fingerprint,
             }
         )
-    write_jsonl(out, rows)
+    if not write_rows(out, rows):
+        return Path(out)  # a rank's part; rank 0 writes the whole
+    rows = read_jsonl(out)
     finished = sum(r["finished"] for r in rows)
     say(
         "sample",
