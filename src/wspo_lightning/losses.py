@@ -155,6 +155,16 @@ def _check_label_smoothing(owner: str, label_smoothing: float) -> float:
     return float(label_smoothing)
 
 
+def worked_batch() -> tuple[Tensor, ...]:
+    """The pair losses' worked example (:class:`PairLoss`'s docstring): 2 pairs, chosen responses of 2 and 3
+    tokens, rejected of 3 and 1, masked positions holding -9 that must not count; the reference at -1 per token."""
+    policy_chosen = torch.tensor([[-0.5, -0.5, -9.0], [-1.0, -1.0, -2.0]])
+    policy_rejected = torch.tensor([[-1.5, -1.5, -1.0], [0.0, -9.0, -9.0]])
+    reference = torch.full((2, 3), -1.0)
+    chosen_mask, rejected_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
+    return policy_chosen, policy_rejected, reference, reference, chosen_mask, rejected_mask
+
+
 class PairLoss(nn.Module, abc.ABC):
     """Base of the pair losses: DPOModule's ``loss``, named in YAML by class path (``wspo_lightning.losses.X``).
 
@@ -264,12 +274,7 @@ class DPOLoss(PairLoss):
     On :class:`PairLoss`'s worked batch (``h = [2, -2]``) at beta 0.5, ``x = beta * h = [1, -1]``:
     ``log(1 + e^-x) = [0.3133, 1.3133]``; e = 0.1 adds ``e * x`` (as ``log(1 + e^x) = x + log(1 + e^-x)``):
 
-    >>> import torch
-    >>> policy_chosen = torch.tensor([[-0.5, -0.5, -9.0], [-1.0, -1.0, -2.0]])
-    >>> policy_rejected = torch.tensor([[-1.5, -1.5, -1.0], [0.0, -9.0, -9.0]])
-    >>> reference = torch.full((2, 3), -1.0)
-    >>> chosen_mask, rejected_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
-    >>> batch = (policy_chosen, policy_rejected, reference, reference, chosen_mask, rejected_mask)
+    >>> batch = worked_batch()  # PairLoss's example
     >>> DPOLoss(beta=0.5)(*batch)[0]
     tensor([0.3133, 1.3133])
     >>> DPOLoss(beta=0.5, label_smoothing=0.1)(*batch)[0]
@@ -286,7 +291,7 @@ class DPOLoss(PairLoss):
         return (1 - e) * kept + e * flipped
 
 
-class RobustDPOLoss(PairLoss):
+class RobustDPOLoss(DPOLoss):
     """Robust DPO (Chowdhury et al. 2024, arXiv:2403.00409), unbiased under label noise e, TRL's ``robust``:
 
         loss = (-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e)
@@ -299,19 +304,10 @@ class RobustDPOLoss(PairLoss):
     ``log(1 + e^x) = x + log(1 + e^-x)`` the loss is ``log(1 + e^-x) - e x / (1 - 2e)``; e = 0.1:
     ``[0.3133 - 0.125, 1.3133 + 0.125]``:
 
-    >>> import torch
-    >>> policy_chosen = torch.tensor([[-0.5, -0.5, -9.0], [-1.0, -1.0, -2.0]])
-    >>> policy_rejected = torch.tensor([[-1.5, -1.5, -1.0], [0.0, -9.0, -9.0]])
-    >>> reference = torch.full((2, 3), -1.0)
-    >>> chosen_mask, rejected_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
-    >>> batch = (policy_chosen, policy_rejected, reference, reference, chosen_mask, rejected_mask)
+    >>> batch = worked_batch()  # PairLoss's example
     >>> RobustDPOLoss(beta=0.5, label_smoothing=0.1)(*batch)[0]
     tensor([0.1883, 1.4383])
     """
-
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, sft_weight: float = 0.0) -> None:
-        super().__init__(beta, sft_weight)
-        self.label_smoothing = _check_label_smoothing(type(self).__name__, label_smoothing)
 
     def pair_losses(self, chosen_logratios, rejected_logratios, chosen_tokens, rejected_tokens) -> Tensor:
         kept, flipped = _sigmoid_terms(self.beta * (chosen_logratios - rejected_logratios))
@@ -326,12 +322,7 @@ class HingeLoss(PairLoss):
 
     On :class:`PairLoss`'s worked batch (``h = [2, -2]``) at beta 0.5: ``max(0, 1 - [1, -1]) = [0, 2]``:
 
-    >>> import torch
-    >>> policy_chosen = torch.tensor([[-0.5, -0.5, -9.0], [-1.0, -1.0, -2.0]])
-    >>> policy_rejected = torch.tensor([[-1.5, -1.5, -1.0], [0.0, -9.0, -9.0]])
-    >>> reference = torch.full((2, 3), -1.0)
-    >>> chosen_mask, rejected_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
-    >>> batch = (policy_chosen, policy_rejected, reference, reference, chosen_mask, rejected_mask)
+    >>> batch = worked_batch()  # PairLoss's example
     >>> HingeLoss(beta=0.5)(*batch)[0]
     tensor([0., 2.])
     """
@@ -350,12 +341,7 @@ class IPOLoss(PairLoss):
     On :class:`PairLoss`'s worked batch at beta 0.5 (target 1): per-token means, chosen ``[1/2, -1/3]``,
     rejected ``[-1/3, 1/1]``; ``h_avg = [5/6, -4/3]``; loss ``[(5/6 - 1)^2, (-4/3 - 1)^2] = [1/36, 49/9]``:
 
-    >>> import torch
-    >>> policy_chosen = torch.tensor([[-0.5, -0.5, -9.0], [-1.0, -1.0, -2.0]])
-    >>> policy_rejected = torch.tensor([[-1.5, -1.5, -1.0], [0.0, -9.0, -9.0]])
-    >>> reference = torch.full((2, 3), -1.0)
-    >>> chosen_mask, rejected_mask = torch.tensor([[1, 1, 0], [1, 1, 1]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
-    >>> batch = (policy_chosen, policy_rejected, reference, reference, chosen_mask, rejected_mask)
+    >>> batch = worked_batch()  # PairLoss's example
     >>> losses, chosen_rewards, _ = IPOLoss(beta=0.5)(*batch)
     >>> losses, chosen_rewards
     (tensor([0.0278, 5.4444]), tensor([ 0.5000, -0.5000]))
