@@ -60,3 +60,12 @@ def test_data_features_keep_the_system_turn_when_a_long_prompt_is_cut(limit):
     text = renderer.tokenizer.decode(feature["prompt_ids"])
     head, tail = parts(renderer, PROMPT)
     assert text.startswith(head) and SYSTEM["content"] in head and text.endswith(tail)
+
+
+def test_left_truncation_keeps_what_earlier_versions_kept():
+    """`data.prompt_truncation: left` cuts the first tokens, header included: the data of earlier versions' runs."""
+    renderer = renderer_of("chatml")
+    record = {"id": "r0", "source": "t.jsonl:1", "prompt": PROMPT, "chosen": "Fine.", "rejected": None}
+    full = renderer.prompt_ids([PROMPT])[0]
+    (feature,) = tokenize_records([record], renderer, 4096, max_prompt_length=20, keep_header=False)
+    assert feature["prompt_ids"] == full[-20:] and feature["truncated"]

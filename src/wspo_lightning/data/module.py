@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -56,6 +56,8 @@ class PreferenceDataModule(pl.LightningDataModule):
         max_length: most tokens of prompt plus response; a longer record's prompt is cut first, inside
             the user's content (the template's header and system turn kept), then responses from the right.
         max_prompt_length: most prompt tokens (None: only max_length limits them), cut the same way.
+        prompt_truncation: "keep_header" cuts a long prompt inside the user's content; "left" cuts its first
+            tokens, header and system turn included, as earlier versions did (to resume their runs exactly).
         batch_size: training records per batch (per device).
         eval_batch_size: validation and test records per batch; None uses `batch_size`.
         num_workers: DataLoader worker processes.
@@ -78,6 +80,7 @@ class PreferenceDataModule(pl.LightningDataModule):
         test_path: str | None = None,
         max_length: int = 512,
         max_prompt_length: int | None = None,
+        prompt_truncation: Literal["keep_header", "left"] = "keep_header",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -104,13 +107,15 @@ class PreferenceDataModule(pl.LightningDataModule):
         ):
             if value < 1:
                 raise InputError(f"data.{name}={value}: expected a positive integer.")
+        if prompt_truncation not in ("keep_header", "left"):
+            raise InputError(f"data.prompt_truncation={prompt_truncation!r}: expected keep_header or left.")
         if "{prompt}" not in prompt_template:
             raise InputError(
                 f"data.prompt_template={prompt_template!r}: expected a '{{prompt}}' field for the prompt text."
             )
         self.train_path, self.tokenizer_path, self.val_path, self.test_path = train_path, tokenizer, val_path, test_path
         self.val_fraction, self.max_length, self.seed = val_fraction, max_length, seed
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length, self.keep_header = max_prompt_length, prompt_truncation == "keep_header"
         self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size or batch_size, num_workers
         self.use_chat_template, self.prompt_template = use_chat_template, prompt_template
         self.trust_remote_code, self.group_by_length = trust_remote_code, group_by_length
@@ -167,7 +172,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             _info("prompts use the plain template %r (use_chat_template is off)", self.prompt_template)
         splits = {"train": train, "val": val, "test": test}
         self.features = {
-            split: tokenize_records(records, renderer, self.max_length, self.max_prompt_length)
+            split: tokenize_records(records, renderer, self.max_length, self.max_prompt_length, self.keep_header)
             for split, records in splits.items()
         }
         stats = {split: sum(f["truncated"] for f in feats) for split, feats in self.features.items()}
@@ -219,7 +224,7 @@ class PreferenceDataModule(pl.LightningDataModule):
             }
             for i, (prompt, text, ids, done) in enumerate(zip(prompts, responses, response_ids, finished))
         ]
-        features = tokenize_records(records, self.renderer, self.max_length, self.max_prompt_length)
+        features = tokenize_records(records, self.renderer, self.max_length, self.max_prompt_length, self.keep_header)
         if self.weak_renderer is not None:
             add_weak_features(records, features, self.renderer, self.weak_renderer, self.max_length)
         return collate(features, **self.pad_ids())

@@ -21,6 +21,7 @@ def tokenize_records(
     renderer: Renderer,
     max_length: int,
     max_prompt_length: int | None = None,
+    keep_header: bool = True,
     chunk_size: int = 1024,
 ) -> list[dict]:
     """Records of `load_records` -> features `{index, id, prompt_ids, chosen_ids, rejected_ids | None, truncated}`.
@@ -29,8 +30,9 @@ def tokenize_records(
     without it). Response ids a pipeline kept from sampling are used as drawn when the record's
     `tokenizer_fingerprint` equals the renderer's, else the text is rendered again. Over `max_length` (or
     `max_prompt_length`), the prompt is cut first, by the longer response's need so chosen and rejected share it,
-    inside the user's content so the template's header and system turn stay (`Renderer.fit_prompt`); then
-    responses from the right (a response cut so loses its end-of-turn).
+    inside the user's content so the template's header and system turn stay (`Renderer.fit_prompt`; with
+    `keep_header` False, from the left, as earlier versions did); then responses from the right (a response cut
+    so loses its end-of-turn).
     """
     features, reused, stale = [], 0, 0
     for start in range(0, len(records), chunk_size):
@@ -62,7 +64,10 @@ def tokenize_records(
             chosen, rejected, prompt = responses["chosen"][i], responses["rejected"][i], prompts[i]
             budget = max(1, max_length - max(len(chosen), len(rejected or ())))
             budget = min(budget, max_prompt_length or budget)
-            fitted = prompt if len(prompt) <= budget else renderer.fit_prompt(record["prompt"], budget)
+            if len(prompt) <= budget:
+                fitted = prompt
+            else:
+                fitted = renderer.fit_prompt(record["prompt"], budget) if keep_header else prompt[-budget:]
             feature = _truncate(record, fitted, chosen, rejected, max_length)
             feature["truncated"] |= fitted is not prompt
             features.append({"index": start + i, "id": record["id"], **feature})
@@ -76,9 +81,9 @@ def tokenize_records(
     return features
 
 
-def tokenize_record(record: dict, renderer: Renderer, max_length: int, max_prompt_length: int | None = None) -> dict:
-    """One record -> its feature (see `tokenize_records`), with `index` 0."""
-    return tokenize_records([record], renderer, max_length, max_prompt_length)[0]
+def tokenize_record(record: dict, renderer: Renderer, max_length: int, **options) -> dict:
+    """One record -> its feature (see `tokenize_records` and its options), with `index` 0."""
+    return tokenize_records([record], renderer, max_length, **options)[0]
 
 
 def _truncate(record: dict, prompt: list[int], chosen: list[int], rejected: list[int] | None, max_length: int) -> dict:
