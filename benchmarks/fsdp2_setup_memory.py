@@ -76,6 +76,7 @@ def fit_config(world: Path, out: Path) -> Path:
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu",
+            "default_root_dir": str(out),  # the resolved config.yaml goes there, not into the working folder
             "max_steps": 1,
             "logger": False,
             "enable_checkpointing": False,
