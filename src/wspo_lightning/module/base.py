@@ -250,18 +250,14 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         base = self._frozen_quantized_base()
         if base:  # a QLoRA checkpoint holds the adapters (MBs), not the 4-bit base (GBs)
-            prefixes = tuple(f"{key}." for key in base)
-            state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in base and not k.startswith(prefixes)}
+            checkpoint["state_dict"] = _without(checkpoint["state_dict"], base)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for line in changed_hyperparameters(checkpoint.get("hyper_parameters") or {}, dict(self.hparams)):
             _warn(line)
         base = self._frozen_quantized_base()
         if base:
-            prefixes = tuple(f"{key}." for key in base)
-            state = checkpoint["state_dict"]  # (older checkpoints hold the base too: it is dropped)
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in base and not k.startswith(prefixes)}
+            checkpoint["state_dict"] = _without(checkpoint["state_dict"], base)  # (older ones hold the base too)
             missing = sorted(set(self.state_dict()) - base - set(checkpoint["state_dict"]))
             if missing:
                 raise InputError(f"the checkpoint lacks trained weights of the policy, e.g. {missing[:3]}")
@@ -284,3 +280,9 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
 
     def evaluate(self, batch: dict, prefix: str) -> Any:
         raise NotImplementedError(f"{type(self).__name__} defines no validation")
+
+
+def _without(state: dict[str, Any], keys: set[str]) -> dict[str, Any]:
+    """`state` less `keys` and the entries under them (a 4-bit weight's `weight.absmax`, `weight.quant_map`, ...)."""
+    prefixes = tuple(f"{key}." for key in keys)
+    return {k: v for k, v in state.items() if k not in keys and not k.startswith(prefixes)}
