@@ -6,8 +6,8 @@ A random Llama of ~`--params` parameters (float32) is written to a temporary fol
 weak pair over the same tokenizer. For each rank count, `torchrun --standalone --nproc_per_node N` starts this
 script, which records VmRSS after importing the project, then runs `wspo fit` until the first training batch
 (`StopAtTrain`) and reports the peak (VmHWM) growth. A start that loads the whole policy on every rank and
-copies it for the reference grows by about 2x the policy whatever the rank count; a start that loads only each
-rank's shard would grow by about 2/ranks.
+copies it for the reference grows by about 2x the policy whatever the rank count; the meta-device start, where
+each rank reads only its shard of the policy and of the reference, grows by about 2/ranks.
 
     .venv/bin/python benchmarks/fsdp2_setup_memory.py          # ~3 minutes on 2 CPU cores
 

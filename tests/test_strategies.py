@@ -87,7 +87,10 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world16
         *STEPS,
     ]
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    launch(torchrun("fit", "--config", str(strategy_config(world16, full, checkpoint_every=2, fsdp2=True)), *fsdp2))
+    stderr = launch(
+        torchrun("fit", "--config", str(strategy_config(world16, full, checkpoint_every=2, fsdp2=True)), *fsdp2)
+    )
+    assert stderr.count("loaded only this rank's shard of each weight") == 2  # the policy, on each rank (meta start)
     checkpoint = full / "ckpt" / "step=2.ckpt"
     assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2  # one shard per rank
     full_metrics = csv_metrics(full)
@@ -95,9 +98,10 @@ def test_fsdp2_matches_one_process_and_resumes_from_a_sharded_checkpoint(world16
 
     config = strategy_config(world16, resumed, fsdp2=True)
     shard = "--trainer.strategy.frozen_roles=shard"
-    assert_frozen_roles_sharded(
-        launch(torchrun("fit", "--config", str(config), *fsdp2, shard, f"--ckpt_path={checkpoint}"))
-    )
+    stderr = launch(torchrun("fit", "--config", str(config), *fsdp2, shard, f"--ckpt_path={checkpoint}"))
+    assert_frozen_roles_sharded(stderr)
+    # policy, reference (read from the policy's files) and weak pair: each rank read only its rows of each
+    assert stderr.count("loaded only this rank's shard of each weight") == 4 * 2
     resumed_metrics = csv_metrics(resumed)
     assert resumed_metrics["step"][0] == 2  # it went on from step 2
     torch.testing.assert_close(

@@ -269,9 +269,15 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": torch.device(device or "cpu")}
     model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    contiguous_lm_head_input(model)
     if device is not None and quantization_config is None:
         model.to(device)
+    return prepare_loaded(model, spec, trainable)
+
+
+def prepare_loaded(model: nn.Module, spec: ModelSpec, trainable: bool) -> nn.Module:
+    """A freshly built model of `spec` as a role uses it: frozen, or trainable with activation checkpointing and
+    LoRA adapters as `spec` says (`load_model`, and `shard_load` on the meta device)."""
+    contiguous_lm_head_input(model)
     if not trainable:
         return freeze(model)
     model.train()  # from_pretrained returns eval mode
@@ -279,7 +285,7 @@ def load_model(spec: ModelSpec, trainable: bool = False, device: torch.device | 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.lora is not None:
         model = _add_lora(model, spec)
-    elif quantization_config is not None:
+    elif spec.quantization != "none":
         raise InputError(
             f"policy {spec.path}: a quantized policy trains only through LoRA adapters (QLoRA); "
             "add a `lora:` block or set quantization: none"

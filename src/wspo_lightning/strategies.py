@@ -89,9 +89,10 @@ FrozenPlacement = Literal["replicate", "shard", "offload"]
 def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Module:
     """`fully_shard` a frozen role (run without gradients) over the mesh's data-parallel ranks, so each rank holds
     1/world of its weights instead of a copy. Units: each decoder layer, the input embeddings and an untied
-    lm_head (large with a large vocabulary), then the model; each is gathered for its own forward and freed after
-    it. With `offload` the shards live in CPU memory and each unit is copied to the device when it runs
-    (FSDP2's CPUOffloadPolicy). A bitsandbytes-quantized role stays whole (a quarter of its bf16 size already)."""
+    lm_head (large with a large vocabulary), then the model (which holds a tied embedding and lm_head); each is
+    gathered for its own forward and freed after it. With `offload` the shards live in CPU memory and each unit is
+    copied to the device when it runs (FSDP2's CPUOffloadPolicy). A bitsandbytes-quantized role stays whole (a
+    quarter of its bf16 size already)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     mesh = data_parallel_mesh(device_mesh)
@@ -103,9 +104,11 @@ def shard_frozen(model: nn.Module, device_mesh, offload: bool = False) -> nn.Mod
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda")
     name = type(model).__name__
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    units = _shard_units(model) + [embeddings]
-    if head is not None and head.weight is not embeddings.weight:  # a tied lm_head is gathered with the root
-        units.append(head)
+    units = _shard_units(model)
+    if head is None or head.weight is not embeddings.weight:
+        units += [embeddings] + ([head] if head is not None else [])
+    # else the tied weight is one unit with the root: sharded with one of its modules alone, the other would keep
+    # the whole weight unsharded
     for unit in units:
         fully_shard(unit, **kwargs)
     fully_shard(model, **kwargs)

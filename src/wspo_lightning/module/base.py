@@ -165,8 +165,8 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
         live = self._live_roles()  # a reference without a spec comes from the policy (configure_model)
         frozen = {role: spec for role, spec in specs.items() if role in live and role != "policy"}
-        if self.frozen_placement != "replicate":  # float roles wait on the CPU to be sharded (configure_model)
-            self.frozen.load({role: spec for role, spec in frozen.items() if spec.quantization == "none"})
+        if self.frozen_placement != "replicate":  # float roles load sharded in configure_model
+            frozen = {role: spec for role, spec in frozen.items() if spec.quantization != "none"}
         self.frozen.load(frozen, device)
 
     @property
@@ -185,26 +185,65 @@ class PreferenceModule(ObjectiveMetrics, pl.LightningModule):
                 "a bitsandbytes-quantized policy (QLoRA) cannot be wrapped by FSDPStrategy (FSDP1) here: "
                 "use FSDP2 (configs/strategies/fsdp2.yaml) or DDP (configs/strategies/ddp.yaml)"
             )
-        policy = load_model(self.policy_spec, trainable=True, device=device if quantized else None)
-        if self.hparams.disable_dropout:
-            disable_dropout(policy)
-        if self.hparams.freeze_embeddings:
-            policy.get_input_embeddings().requires_grad_(False)
-        if self.reference_spec is None and not self.uses_lora and "reference" in self._live_roles():
-            self.frozen.add("reference", freeze(copy.deepcopy(policy)))  # before any sharding: a full copy
+        copy_reference = self.reference_spec is None and not self.uses_lora and "reference" in self._live_roles()
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
-            from wspo_lightning.strategies import shard_policy
-
-            policy = shard_policy(policy, self.device_mesh, str(self.trainer.precision))
-            if self.frozen_placement != "replicate":
-                from wspo_lightning.strategies import shard_frozen
-
-                for role in self.frozen:
-                    shard_frozen(self.frozen[role], self.device_mesh, offload=self.frozen_placement == "offload")
+            policy = self._configure_sharded(device, copy_reference)
+        else:
+            policy = load_model(self.policy_spec, trainable=True, device=device if quantized else None)
+            self._prepare_policy(policy)
+            if copy_reference:
+                self.frozen.add("reference", freeze(copy.deepcopy(policy)))
         if self._trainer is not None and getattr(self.trainer.datamodule, "packing", False):
             for model in [policy, *(self.frozen[role] for role in self.frozen)]:
                 use_packing(model)
         self.policy = policy
+
+    def _prepare_policy(self, policy: nn.Module) -> None:
+        if self.hparams.disable_dropout:
+            disable_dropout(policy)
+        if self.hparams.freeze_embeddings:
+            policy.get_input_embeddings().requires_grad_(False)
+
+    def _configure_sharded(self, device: torch.device, copy_reference: bool) -> nn.Module:
+        """FSDP2: the policy, and with `frozen_roles` shard/offload the float frozen roles, built on the meta device
+        and sharded, each rank reading only its rows of the weights (`shard_load`); a model that cannot load so
+        loads whole, then is sharded. A reference copy of the policy is read from the policy's files."""
+        from wspo_lightning.shard_load import load_sharded
+        from wspo_lightning.strategies import shard_frozen, shard_policy
+
+        quantized = self.policy_spec.quantization != "none"
+
+        def policy_shards(model: nn.Module) -> nn.Module:
+            return shard_policy(model, self.device_mesh, str(self.trainer.precision))
+
+        policy = load_sharded(
+            self.policy_spec, policy_shards, device, trainable=True, before_shard=self._prepare_policy
+        )
+        if policy is None:
+            policy = load_model(self.policy_spec, trainable=True, device=device if quantized else None)
+            self._prepare_policy(policy)
+            if copy_reference and self.frozen_placement == "replicate":  # a whole copy per rank, as asked
+                self.frozen.add("reference", freeze(copy.deepcopy(policy)))
+            policy = policy_shards(policy)
+        roles = {"reference": self.policy_spec} if copy_reference and "reference" not in self.frozen else {}
+        if self.frozen_placement == "replicate":
+            self.frozen.load(roles)  # placed on the device in on_fit_start
+            return policy
+        offload = self.frozen_placement == "offload"
+
+        def frozen_shards(model: nn.Module) -> nn.Module:
+            return shard_frozen(model, self.device_mesh, offload=offload)
+
+        live = self._live_roles()
+        roles.update({role: spec for role, spec in self.frozen_specs().items() if role in live})
+        if self.reference_spec is not None and "reference" in live:
+            roles["reference"] = self.reference_spec
+        for role, spec in roles.items():
+            if role in self.frozen:  # quantized: loaded whole on the device in setup
+                continue
+            model = load_sharded(spec, frozen_shards, "cpu" if offload else device)
+            self.frozen.add(role, model if model is not None else frozen_shards(load_model(spec)))
+        return policy
 
     def on_fit_start(self) -> None:  # a reference copied in configure_model is still on the CPU
         self.frozen.place(self.device)
