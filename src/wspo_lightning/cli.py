@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stage: gold reward, KL and diversity per row of scored samples, with intervals",
     ),
     "convert": ("wspo_lightning.pipeline.convert:main", "stage: a GGUF checkpoint to a safetensors folder"),
+    "extrapolate": ("wspo_lightning.pipeline.extrapolate:main", "stage: ExPO weights, R + (1 + alpha)(M - R)"),
     "push": ("wspo_lightning.callbacks.export:main", "upload an export folder to the Hugging Face Hub (or retry)"),
     "workspace": ("wspo_lightning.pipeline.workspace:main", "a ready W&B workspace (dashboard) for a project's runs"),
 }

@@ -1,4 +1,4 @@
-"""Reusable experiment stages: convert, sample, score, pairs, distill, fit, precompute, evaluate.
+"""Reusable experiment stages: convert, sample, score, pairs, distill, fit, precompute, evaluate, extrapolate.
 
 Each stage is a plain function that reads and writes files, skips itself when its output
 already exists (`force=True` redoes it), and shows a progress bar. Each runs as `wspo <stage> ...`
