@@ -287,14 +287,19 @@ def test_report_states_gain_and_amplification_honestly_either_way(tmp_path):
         rows.append(EvalRow(name, str(write_jsonl(tmp_path / f"{len(rows)}.jsonl", records))))
         results.append(row_stats(name, records, [{**r} for r in _row("", rewards["strong base"])], 500, 0))
     text = "\n".join(verdicts(results, rows))
-    assert "**strong + WSPO (gamma=1)** beats the strong base: +0.350" in text
-    assert "does not amplify: it is below the weak aligned model (-0.150" in text
-    assert "amplifies: it beats the weak aligned model (+0.150" in text
-    assert "Best WSPO row within 5 nats of KL: **strong + WSPO (gamma=2)**, +0.650" in text  # KL 0.5 each
+    assert "**strong + WSPO (gamma=1)** is above the strong base: +0.350" in text
+    assert "**strong + WSPO (gamma=1)** is below the weak aligned model: -0.150" in text
+    assert "it does not amplify." in text
+    assert "**strong + WSPO (gamma=2)** is above the weak aligned model: +0.150" in text
+    assert "it amplifies." in text
+    # no row is picked as the best on the evaluation prompts: every row within the bound is named
+    assert "Best WSPO row" not in text
+    assert "within 5 nats of KL: **strong + WSPO (gamma=1)**, **strong + WSPO (gamma=2)** (2 of 2)" in text
 
     # every WSPO row past the KL bound: said so, naming the closest
     for r in results:
         r["kl"] = {"strong + WSPO (gamma=1)": 5.5, "strong + WSPO (gamma=2)": 7.0}.get(r["name"], r["kl"])
     text = "\n".join(verdicts(results, rows))
     assert "Best WSPO row" not in text
-    assert "No WSPO row stays within 5 nats of KL: the closest, **strong + WSPO (gamma=1)**, is at 5.50 (+0.350" in text
+    assert "No WSPO row stays within 5 nats of KL: the closest, **strong + WSPO (gamma=1)**, is at 5.50" in text
+    assert "outside the KL / diversity bounds, so no amplification is claimed" in text

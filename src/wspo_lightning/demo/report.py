@@ -13,6 +13,7 @@ import torch
 
 from wspo_lightning.io import read_jsonl
 from wspo_lightning.pipeline.evaluate import EvalRow, paired_difference
+from wspo_lightning.verdicts import direction, fmt_ci, verdict
 
 WEAK_MODEL_NOTE = (
     "The weak model keeps decoder layers {layers} of SmolLM2-135M-Instruct's 30 (with its embeddings, final "
@@ -46,10 +47,6 @@ ONE_SEED = (
 )
 
 
-def _fmt_ci(ci: list[float]) -> str:
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
-
-
 def _fmt_kl(row: dict) -> str:
     if row["kl"] is not None:
         return f"{row['kl']:.2f}"
@@ -63,10 +60,10 @@ def markdown_table(results: list[dict]) -> str:
     )
     lines = [head]
     for r in results:
-        diff = f"{r['diff_vs_baseline']:+.3f} {_fmt_ci(r['diff_vs_baseline_ci'])}" if "diff_vs_baseline" in r else ""
+        diff = f"{r['diff_vs_baseline']:+.3f} {fmt_ci(r['diff_vs_baseline_ci'])}" if "diff_vs_baseline" in r else ""
         word, share = r.get("top_word", ["", 0.0])
         lines.append(
-            f"| {r['name']} | {r['gold_reward_mean']:+.3f} {_fmt_ci(r['gold_reward_ci'])} | {diff} "
+            f"| {r['name']} | {r['gold_reward_mean']:+.3f} {fmt_ci(r['gold_reward_ci'])} | {diff} "
             f"| {r.get('baseline') or ''} | {_fmt_kl(r)} | {r['mean_length']:.1f} "
             f"| {r.get('distinct_2', float('nan')):.2f} | {word} ({share:.0%}) | {r['n']} |"
         )
@@ -74,65 +71,68 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def _versus(r: dict) -> str:
-    lo, hi = r["diff_vs_baseline_ci"]
-    beats = "beats" if lo > 0 else ("is below" if hi < 0 else "is not distinguishable from")
-    return (
-        f"- **{r['name']}** {beats} the {r.get('baseline') or 'strong base'}: {r['diff_vs_baseline']:+.3f} "
-        f"(paired bootstrap 95% CI {_fmt_ci(r['diff_vs_baseline_ci'])})"
-        + ("." if r["kl"] is None else f", at KL {r['kl']:.2f} nats.")
+    kl = "" if r["kl"] is None else f"at KL {r['kl']:.2f} nats"
+    against = f"the {r.get('baseline') or 'strong base'}"
+    return "- " + verdict(r["diff_vs_baseline"], r["diff_vs_baseline_ci"], f"**{r['name']}**", against, kl)
+
+
+def _amplification(r: dict, diff: float, ci: list[float], kept: bool, base: dict) -> str:
+    """Whether a WSPO row amplifies: above the weak aligned model by its interval, within the KL and
+    diversity bounds (`kept`)."""
+    side = direction(ci)
+    meaning = (
+        "it amplifies"
+        if side == "above" and kept
+        else "outside the KL / diversity bounds, so no amplification is claimed"
+        if side == "above"
+        else "it does not amplify"
+        if side == "below"
+        else "no amplification is shown"
     )
+    bounds = f"KL {r['kl']:.2f}, distinct-2 {r.get('distinct_2', 0):.2f} vs the base's {base.get('distinct_2', 0):.2f}"
+    return "- " + verdict(diff, ci, f"**{r['name']}**", "the weak aligned model", f"{bounds}: {meaning}")
 
 
 def verdicts(results: list[dict], rows: list[EvalRow], max_kl: float = 5.0) -> list[str]:
-    """Plain sentences, reported either way: each strong row against its baseline; the best WSPO row within
-    `max_kl` nats; the sign control's direction; whether a WSPO row beats the weak aligned model (amplification)
-    within `max_kl` and with distinct-2 at least 0.8x the strong base's."""
+    """Plain sentences, reported either way, every above / below from an interval (`wspo_lightning.verdicts`):
+    each strong row against its baseline; which WSPO rows stay within `max_kl` nats (none is picked as best:
+    these are the evaluation prompts); the sign control against the strong base; whether a WSPO row beats the
+    weak aligned model (amplification) within `max_kl` and with distinct-2 at least 0.8x the strong base's."""
     by_name = {r["name"]: r for r in results}
     samples = {row.name: read_jsonl(row.samples) for row in rows}
     lines = [_versus(r) for r in results if r["name"].startswith("strong + ") and "diff_vs_baseline" in r]
     wspo = [r for r in results if "WSPO" in r["name"] and "sign control" not in r["name"] and r["kl"] is not None]
     within = [r for r in wspo if r["kl"] <= max_kl]
     if within:
-        best = max(within, key=lambda r: r["diff_vs_baseline"])
-        lo, _ = best["diff_vs_baseline_ci"]
+        names = ", ".join(f"**{r['name']}**" for r in within)
         lines += [
             "",
-            f"Best WSPO row within {max_kl:g} nats of KL: **{best['name']}**, {best['diff_vs_baseline']:+.3f} "
-            f"over the strong base ({'interval above zero' if lo > 0 else 'interval includes zero'}).",
+            f"WSPO rows within {max_kl:g} nats of KL: {names} ({len(within)} of {len(wspo)}). Each row's verdict "
+            "is its sentence above, from its interval; none is picked as the best on these evaluation prompts.",
         ]
     elif wspo:
         closest = min(wspo, key=lambda r: r["kl"])
         lines += [
             "",
             f"No WSPO row stays within {max_kl:g} nats of KL: the closest, **{closest['name']}**, is at "
-            f"{closest['kl']:.2f} ({closest['diff_vs_baseline']:+.3f} over the strong base).",
+            f"{closest['kl']:.2f} (its verdict is above).",
         ]
     for r in results:
-        if "sign control" in r["name"]:
-            direction = (
-                "below zero: the effect follows the weak pair's signal, not the training text"
-                if r["diff_vs_baseline"] < 0
-                else "not below zero"
-            )
-            lines.append(f"The sign control's paired difference is {r['diff_vs_baseline']:+.3f}, {direction}.")
+        if "sign control" in r["name"] and "diff_vs_baseline" in r:
+            ci = r["diff_vs_baseline_ci"]
+            meaning = {
+                "below": " The effect follows the weak pair's signal, not the training text.",
+                "above": " The swap did not reverse the effect: it does not follow the weak pair's signal.",
+                "not distinguishable": " Its direction is not established at this sample size.",
+            }[direction(ci)]
+            against = f"the {r.get('baseline') or 'strong base'}"
+            lines.append(verdict(r["diff_vs_baseline"], ci, "the sign control", against) + meaning)
     base = by_name.get("strong base")
     if "weak aligned" in by_name and base is not None:
         for r in wspo:
             diff, ci = paired_difference(samples[r["name"]], samples["weak aligned"])
             kept = r["kl"] <= max_kl and r.get("distinct_2", 0) >= 0.8 * base.get("distinct_2", 0)
-            verdict = (
-                "amplifies: it beats the weak aligned model"
-                if ci[0] > 0 and kept
-                else "beats the weak aligned model, but outside the KL / diversity bounds"
-                if ci[0] > 0
-                else "does not amplify: it is below the weak aligned model"
-                if ci[1] < 0
-                else "does not clearly amplify: it is within noise of the weak aligned model"
-            )
-            lines.append(
-                f"- {r['name']} {verdict} ({diff:+.3f}, 95% CI {_fmt_ci(ci)}; KL {r['kl']:.2f}, distinct-2 "
-                f"{r.get('distinct_2', 0):.2f} vs the base's {base.get('distinct_2', 0):.2f})."
-            )
+            lines.append(_amplification(r, diff, ci, kept, base))
     return lines
 
 

@@ -1,0 +1,1 @@
+"""`wspo study`: reward-vs-KL frontiers of every method on one fluent preference dataset, tuned alike."""
