@@ -394,14 +394,15 @@ def test_cbs_cache_reuse_gives_the_same_tokens_and_scores_as_recomputation(model
 
 
 def test_cbs_cross_tokenizer_scores_equal_scoring_the_decoded_text_with_each_weak_model(models, tok, tok2):
-    """The weak pair has its own tokenizer: the response text is decoded and re-tokenised for it."""
+    """The weak pair has its own tokenizer: the response text is decoded, stripped of surrounding whitespace (as
+    training's weak side reads a sampled response's text) and re-tokenised for it."""
     trace = []
     results = cbs(models, tok, tok2, ("other_aligned", "other_base"), max_new_tokens=20, trace=trace)
     weak = (models["other_aligned"], models["other_base"])
 
     def weak_ids(strong_response):
         ended = bool(strong_response) and strong_response[-1] in EOS
-        text = tok.decode(strong_response, skip_special_tokens=True)
+        text = tok.decode(strong_response, skip_special_tokens=True).strip()
         return tok2(text, add_special_tokens=False)["input_ids"] + ([tok2.eos_token_id] if ended else [])
 
     check_trace_against_brute_force(trace, weak, [prompt_ids(tok2, p) for p in PROMPTS], weak_ids, W=3)

@@ -1,5 +1,5 @@
 """What cached frozen values depend on: each frozen model's loading options and files (weights, config,
-tokenizer, chat template), the rendering, and every split's record ids and token ids."""
+tokenizer, chat template), the dtype it computes in, the rendering, and every split's record ids and token ids."""
 
 from __future__ import annotations
 
@@ -77,6 +77,39 @@ def model_fingerprint(spec: ModelSpec, known: dict | None = None) -> dict:
     return {"spec": spec_fields, "files": files}
 
 
+DEFAULT_PRECISION = "32-true"
+"""Lightning's `trainer.precision` when none is set."""
+
+
+def compute_dtype(dtype: str, precision: str | None, module_weights: bool = False) -> str:
+    """The dtype a frozen role of ModelSpec `dtype` computes its log-probs in under `trainer.precision`.
+
+    A "-mixed" half precision (bf16-mixed, 16-mixed, or their short names bf16, 16) autocasts every forward pass of
+    a step to its dtype, whatever the weights. A "-true" one (bf16-true, 16-true) converts the LightningModule's own
+    weights to its dtype, not the frozen roles, which are kept outside it: only a role computed by the module's
+    weights (`module_weights`: the reference of a LoRA policy, its base with the adapters off) computes in it; the
+    others keep their weights' dtype (their values equal 32-true's). Any other precision (32-true, 64-true, ...)
+    leaves the weights' dtype. So a float32 role under bf16-mixed computes in bfloat16, and a bfloat16 role under
+    32-true too:
+
+    >>> [compute_dtype(d, p) for d, p in [("float32", "32-true"), ("float32", "bf16-mixed"), ("bfloat16", "32-true")]]
+    ['float32', 'bfloat16', 'bfloat16']
+    >>> [compute_dtype("float32", "bf16-true"), compute_dtype("float32", "bf16-true", module_weights=True)]
+    ['float32', 'bfloat16']
+    """
+    name = str(precision or DEFAULT_PRECISION)
+    half = "bfloat16" if name.startswith("bf16") else "float16" if name.startswith("16") else None
+    if half is None or (name.endswith("-true") and not module_weights):
+        return dtype
+    return half
+
+
+def runs_on_module_weights(objective: Any, role: str) -> bool:
+    """Whether `objective` computes `role` with its LightningModule's own weights: the reference of a LoRA policy
+    without a reference model (`wspo fit` and `wspo precompute` alike), which a "-true" precision converts."""
+    return role == "reference" and getattr(objective, "reference_spec", None) is None and objective.uses_lora
+
+
 def split_fingerprint(features: Sequence[dict]) -> str:
     """sha256 over every record's id and token ids, in order (and the weak side's ids and maps, when the weak
     pair has its own tokenizer): changes with the data, tokenizers, templates and max_length."""
@@ -97,9 +130,12 @@ def data_features(datamodule: Any) -> dict[str, list[dict]]:
     return {split: list(features.get(split) or []) for split in ("train", "val", "test")}
 
 
-def describe(objective: Any, datamodule: Any, values: Sequence[str], known: dict | None = None) -> dict:
-    """What cached `values` of `objective` (a PreferenceModule) depend on: model fingerprints per role, data
-    settings and split fingerprints. `known`: the manifest's model fingerprints (see `model_fingerprint`)."""
+def describe(
+    objective: Any, datamodule: Any, values: Sequence[str], known: dict | None = None, precision: str | None = None
+) -> dict:
+    """What cached `values` of `objective` (a PreferenceModule) depend on: model fingerprints per role, each with
+    the dtype it computes in under `precision` (`trainer.precision`, None: Lightning's default; `compute_dtype`),
+    data settings and split fingerprints. `known`: the manifest's model fingerprints (see `model_fingerprint`)."""
     features = data_features(datamodule)
     roles = objective.cache_roles(values)  # role -> spec
     known = known or {}
@@ -112,7 +148,13 @@ def describe(objective: Any, datamodule: Any, values: Sequence[str], known: dict
     renderer = getattr(datamodule, "renderer", None)
     return {
         "values": sorted(values),
-        "models": {role: model_fingerprint(spec, known.get(role)) for role, spec in roles.items()},
+        "models": {
+            role: {
+                **model_fingerprint(spec, known.get(role)),
+                "compute_dtype": compute_dtype(spec.dtype, precision, runs_on_module_weights(objective, role)),
+            }
+            for role, spec in roles.items()
+        },
         "data": {
             "tokenizer": getattr(datamodule, "tokenizer_path", None),
             "max_length": getattr(datamodule, "max_length", None),

@@ -126,7 +126,7 @@ def build_cache(
         "dtype": "float32",
         "precision": str(trainer.precision),
         "command": command,
-        **describe(objective, datamodule, values),
+        **describe(objective, datamodule, values, precision=str(trainer.precision)),
     }
     features = data_features(datamodule)
     splits = list(manifest["splits"])

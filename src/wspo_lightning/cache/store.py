@@ -15,8 +15,10 @@ unless the reference is not cached). Values are stored per record and response t
 batch composition, padding and world size; `LogpsCache.lookup` re-pads them into any batch's [B, T'] layout.
 The training split holds the rejected side only when training uses it (`train_on_rejected`, DPO).
 
-The manifest pins what the values depend on (`cache.fingerprint.describe`). `fit` refuses a cache that
-no longer matches, naming what changed and the command that rebuilds it.
+The manifest pins what the values depend on (`cache.fingerprint.describe`), the dtype each role computed
+them in included (`models.<role>.compute_dtype`: its ModelSpec dtype under the run's `trainer.precision`,
+`cache.fingerprint.compute_dtype`). `fit` refuses a cache that no longer matches, naming what changed and the
+command that rebuilds it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from wspo_lightning.cache.fingerprint import describe
+from wspo_lightning.cache.fingerprint import DEFAULT_PRECISION, compute_dtype, describe, runs_on_module_weights
 from wspo_lightning.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,24 +54,31 @@ class LogpsCache:
 
     # -- opening and verification
     @classmethod
-    def open(cls, folder: str | Path, module: Any, datamodule: Any) -> LogpsCache:
-        """Read the manifest, refuse it when anything it depends on changed, then load the shards."""
+    def open(cls, folder: str | Path, module: Any, datamodule: Any, precision: str | None = None) -> LogpsCache:
+        """Read the manifest, refuse it when anything it depends on changed, then load the shards.
+        `precision`: the run's `trainer.precision` (default: see `verify`)."""
         folder = Path(folder)
         manifest = read_manifest(folder)
         cache = cls(folder, manifest)
-        cache.verify(module, datamodule)
+        cache.verify(module, datamodule, precision)
         for split in manifest["splits"]:
             cache._load_split(split)
         return cache
 
-    def verify(self, module: Any, datamodule: Any) -> None:
+    def verify(self, module: Any, datamodule: Any, precision: str | None = None) -> None:
+        """Refuse the cache (InputError) unless it holds what `module` needs, computed from the same models at the
+        same precision on the same data. `precision`: the run's `trainer.precision` (default: that of the trainer
+        `module` is attached to, else Lightning's default)."""
         m = self.manifest
         rebuild = f"Rebuild it: {m.get('command') or REBUILD}"
         where = f"logps cache {self.folder}"
         missing = [v for v in module.required_cache_values() if v not in m["values"]]
         if missing:
             raise InputError(f"{where} holds {m['values']}, but {type(module).__name__} needs {missing}. {rebuild}")
-        now = describe(module, datamodule, m["values"], known=m["models"])
+        trainer = getattr(module, "_trainer", None)
+        precision = precision or (str(trainer.precision) if trainer is not None else DEFAULT_PRECISION)
+        now = describe(module, datamodule, m["values"], known=m["models"], precision=precision)
+        _compare_precision(where, m, now["models"], precision, rebuild, module)
         for role, current in now["models"].items():  # roles behind values this objective uses
             _compare_model(where, role, m["models"][role], current, rebuild)
         for split, current in now["splits"].items():
@@ -194,6 +203,34 @@ def read_manifest(folder: Path) -> dict:
             f"Rebuild it: {manifest.get('command') or REBUILD}"
         )
     return manifest
+
+
+def cached_compute_dtype(manifest: dict, role: str, module: Any) -> str:
+    """The dtype `role` computed the cached values in. A manifest that does not record it (written before
+    `compute_dtype` was) gets it by the same rule from what it does record: the role's ModelSpec dtype and the
+    run's `precision` (Lightning's default where even that is missing), with the role computed as `module` (the
+    objective verifying the cache) computes it (`cache.fingerprint.compute_dtype`)."""
+    model = manifest["models"][role]
+    if "compute_dtype" in model:
+        return model["compute_dtype"]
+    own = runs_on_module_weights(module, role)
+    return compute_dtype(model["spec"].get("dtype") or "float32", manifest.get("precision"), own)
+
+
+def _compare_precision(where: str, manifest: dict, now: dict, precision: str, rebuild: str, module: Any) -> None:
+    """Same precision: every role behind the cached values computes in the dtype it computed them in."""
+    then = {role: cached_compute_dtype(manifest, role, module) for role in now}
+    changed = [role for role, current in now.items() if then[role] != current["compute_dtype"]]
+    if not changed:
+        return
+    role = changed[0]
+    then_dtype, now_dtype = manifest["models"][role]["spec"].get("dtype"), now[role]["spec"]["dtype"]
+    raise InputError(
+        f"{where} holds the values of {', '.join(changed)} computed in {then[role]} "
+        f"({role}.dtype={then_dtype}, trainer.precision={manifest.get('precision') or DEFAULT_PRECISION}), but this "
+        f"run computes them in {now[role]['compute_dtype']} ({role}.dtype={now_dtype}, trainer.precision={precision}). "
+        f"{rebuild}"
+    )
 
 
 def _compare_model(where: str, role: str, then: dict, now: dict, rebuild: str) -> None:

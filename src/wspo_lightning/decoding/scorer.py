@@ -20,8 +20,10 @@ class WeakPairScorer:
     """Scores (prompt, response) pairs with a frozen weak pair sharing one tokenizer.
 
     Prompts and response text are rendered by the weak pair's `Renderer` (`tokenizer` may be one, or a
-    tokenizer whose chat template is used when `chat_template`): a response that ended gets the weak
-    template's end-of-turn, one that was cut does not.
+    tokenizer whose chat template is used when `chat_template`) as training renders its weak side
+    (`crossvocab.add_weak_features`) for a record of that response: the text as the pipeline writes a response
+    (`Renderer.decode`: surrounding whitespace stripped; the callers decode with special tokens dropped), then the
+    weak template's end-of-turn when the response ended, none when it was cut.
     """
 
     def __init__(self, weak_aligned, weak_base, tokenizer, chat_template: bool = True, batch_size: int = 16) -> None:
@@ -42,14 +44,17 @@ class WeakPairScorer:
     def response_ids(
         self, prompts: Sequence[Prompt], responses: Sequence[str], ended: Sequence[bool] | None = None
     ) -> list[list[int]]:
-        """Weak token ids of each response text; `ended` (default all False): it ends with the end-of-turn."""
+        """Weak token ids of each response text, stripped of surrounding whitespace as a sampled response's text is
+        (`Renderer.decode`), which training's weak side renders; `ended` (default all False): it ends with the
+        end-of-turn."""
         ended = list(ended) if ended is not None else [False] * len(responses)
-        return self.renderer.response_ids(prompts, responses, ended)
+        return self.renderer.response_ids(prompts, [text.strip() for text in responses], ended)
 
     def score(
         self, prompts: Sequence[Prompt], responses: Sequence[str], ended: Sequence[bool] | None = None
     ) -> list[float]:
-        """reward_weak of each (prompt, response text), recomputed from scratch; `ended`: with the end-of-turn."""
+        """reward_weak of each (prompt, response text), recomputed from scratch; the text rendered as
+        `response_ids` renders it; `ended`: with the end-of-turn."""
         return self.score_ids(self.prompt_ids(prompts), self.response_ids(prompts, responses, ended))
 
     def score_ids(self, prompt_ids: Sequence[Sequence[int]], response_ids: Sequence[Sequence[int]]) -> list[float]:

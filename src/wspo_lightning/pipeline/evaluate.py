@@ -6,10 +6,14 @@ baseline row with its interval, KL(row || reference) estimated from the samples 
 log pi_row(y|x) - log pi_reference(y|x) (nats per response; none for a row without likelihoods, such
 as chunk-level beam search), mean length, distinct-n, and the most repeated word. Intervals resample
 prompts (all samples of a prompt together), so several samples per prompt do not narrow them falsely.
+
+log pi_reference(y|x) is taken on the token ids the sampler drew only where they are the reference's ids of
+the response (`reference_ids`); the values are kept beside the output and reused only for the same ids.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections import Counter
@@ -92,18 +96,56 @@ def _by_prompt(records: list[dict], key: str) -> dict[str, np.ndarray]:
     return {k: np.array(v) for k, v in groups.items()}
 
 
+def reference_ids(renderer: Renderer, records: list[dict]) -> list[list[int]]:
+    """The response ids the reference (`renderer`: its tokenizer and rendering) scores for each record.
+
+    A record's `response_ids` as the sampler drew them, when they are the reference's ids of its `response`:
+    - they equal the reference's rendering of the response text (`Renderer.response_ids`, ending with the
+      end-of-turn when the record `finished`), or
+    - the reference's renderer drew them (the record's `tokenizer_fingerprint` is its fingerprint) and they decode
+      (`Renderer.decode`) to the response text: drawn tokens may split the text otherwise than tokenizing it
+      does, and the KL is over the tokens drawn.
+    Otherwise (ids of another tokenizer or template, or a response edited after sampling) their log-probability
+    under the reference would be of other text, or of another vocabulary's ids: the reference scores its own
+    rendering of the response text instead."""
+    if not records:
+        return []
+    finished = [bool(r.get("finished", True)) for r in records]
+    rendered = renderer.response_ids([r["prompt"] for r in records], [r["response"] for r in records], finished)
+    out = []
+    for record, own in zip(records, rendered):
+        drawn = record.get("response_ids")
+        drawn = list(drawn) if drawn is not None else None
+        sampled_here = (
+            drawn is not None
+            and record.get("tokenizer_fingerprint") == renderer.fingerprint
+            and renderer.decode(drawn) == record["response"]
+        )
+        out.append(drawn if drawn == own or sampled_here else own)
+    return out
+
+
 def reference_logps(
     model, renderer: Renderer, records: list[dict], batch_size: int = 16, desc: str = "reference"
 ) -> list[float]:
-    """sum_t log pi_model(y_t | x, y_<t) of each record's `response_ids` after its rendered prompt."""
-    pad = renderer.pad_id
+    """sum_t log pi_model(y_t | x, y_<t) of each record's response ids (`reference_ids`) after its rendered prompt."""
+    prompts = renderer.prompt_ids([r["prompt"] for r in records])
+    return _summed(model, renderer.pad_id, prompts, reference_ids(renderer, records), batch_size, desc)
+
+
+def _summed(model, pad: int, prompts: list[list[int]], responses: list[list[int]], batch_size: int, desc: str):
     out: list[float] = []
     chunk = batch_size * 8
-    for first in tqdm(range(0, len(records), chunk), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):
-        part = records[first : first + chunk]
-        prompts = renderer.prompt_ids([r["prompt"] for r in part])
-        out += summed_logps(model, prompts, [list(r["response_ids"]) for r in part], pad, batch_size)
+    for first in tqdm(range(0, len(prompts), chunk), desc=desc, unit="chunk", dynamic_ncols=True, leave=False):
+        end = first + chunk
+        out += summed_logps(model, prompts[first:end], responses[first:end], pad, batch_size)
     return out
+
+
+def _scored_key(reference: ModelSpec, prompt_ids: list[int], response_ids: list[int]) -> str:
+    """What a kept reference log-probability was computed on: the reference and the exact ids."""
+    scored = [reference.path, reference.dtype, prompt_ids, response_ids]
+    return hashlib.sha256(json.dumps(scored).encode()).hexdigest()
 
 
 def has_likelihood(records: list[dict]) -> bool:
@@ -121,6 +163,20 @@ def paired_difference(
         raise InputError("the two rows share no prompt id: evaluate them on the same prompts")
     diffs = [np.array([mine[k].mean() - theirs[k].mean()]) for k in shared]
     return float(np.mean([d[0] for d in diffs])), list(bootstrap_ci(diffs, n_boot, seed))
+
+
+def per_prompt_values(records: list[dict]) -> dict:
+    """Per prompt id, in sorted id order: `ids`, the mean gold `reward`, and the mean `kl` (log pi_row - log
+    pi_reference of its samples; None for the whole row when a record has no likelihood or no reference value)."""
+    ids = sorted({str(r["id"]) for r in records})
+    rewards = _by_prompt(records, "reward")
+    with_kl = all(r.get("logp") is not None and r.get("ref_logp") is not None for r in records)
+    kls = _by_prompt([{"id": r["id"], "kl": r["logp"] - r["ref_logp"]} for r in records], "kl") if with_kl else None
+    return {
+        "ids": ids,
+        "reward": [float(rewards[k].mean()) for k in ids],
+        "kl": [float(kls[k].mean()) for k in ids] if kls is not None else None,
+    }
 
 
 def row_stats(
@@ -178,13 +234,15 @@ def evaluate(
     wandb_entity: str | None = None,
     wandb_name: str | None = None,
     wandb_dir: str | None = None,
+    per_prompt: bool = False,
 ) -> Path:
     """Write `out` (results.json): a list with one object per row.
 
     Args:
         rows: name and scored-samples file of each row.
         reference: the model KL is measured against (the strong base), e.g. in bfloat16.
-        out: output JSON file. Beside it, `<out stem>_logps/` caches reference log-probs per row.
+        out: output JSON file. Beside it, `<out stem>_logps/` keeps the reference log-probs of each row, each with
+            the ids it was computed on: a later run reuses a value only for the same reference and ids.
         baseline: name of the row that differences are taken against (paired by prompt id), for rows that
             name none of their own (`EvalRow.baseline`).
         n_boot: bootstrap resamples.
@@ -200,6 +258,8 @@ def evaluate(
         wandb_entity: W&B entity (user or team); None: the default one.
         wandb_name: the W&B run's name; None: "evaluate".
         wandb_dir: folder for the W&B run's files; None: beside `out`.
+        per_prompt: also give each row its values per prompt (`per_prompt_values`), for frontiers and their
+            intervals.
     """
     if done("evaluate", out, force):
         return Path(out)
@@ -218,23 +278,38 @@ def evaluate(
     cache_dir = Path(out).with_name(Path(out).stem + "_logps")
     model = renderer = None
     for i, row in enumerate(rows):
-        cache = cache_dir / f"{i:02d}.jsonl"
-        if not row.kl or not has_likelihood(data[row.name]):
+        cache, records = cache_dir / f"{i:02d}.jsonl", data[row.name]
+        if not row.kl or not has_likelihood(records):
             continue
-        cached = read_jsonl(cache) if cache.exists() and not force else None
-        if cached is None or len(cached) != len(data[row.name]) or cached[0].get("name") != row.name:
+        if renderer is None:
+            check_model_path(reference, "reference")
+            renderer = Renderer(load_tokenizer(reference), use_chat_template, prompt_template, name=reference.path)
+        prompts, responses = renderer.prompt_ids([r["prompt"] for r in records]), reference_ids(renderer, records)
+        keys = [_scored_key(reference, p, y) for p, y in zip(prompts, responses)]
+        # a kept value counts only for the reference and ids it was computed on (older files keep no key)
+        kept = {
+            c["key"]: c["ref_logp"] for c in (read_jsonl(cache) if cache.exists() and not force else []) if "key" in c
+        }
+        todo = [j for j, key in enumerate(keys) if key not in kept]
+        if todo:
             if model is None:
-                check_model_path(reference, "reference")
-                renderer = Renderer(load_tokenizer(reference), use_chat_template, prompt_template, name=reference.path)
                 model = load_model(reference, trainable=False, device=resolve_device(device))
-            values = reference_logps(model, renderer, data[row.name], batch_size, desc=f"KL {row.name}")
-            cached = [{"name": row.name, "ref_logp": v} for v in values]
-            write_jsonl(cache, cached)
-        for record, c in zip(data[row.name], cached):
-            record["ref_logp"] = c["ref_logp"]
+            values = _summed(
+                model,
+                renderer.pad_id,
+                [prompts[j] for j in todo],
+                [responses[j] for j in todo],
+                batch_size,
+                desc=f"KL {row.name}",
+            )
+            kept.update((keys[j], value) for j, value in zip(todo, values))
+            write_jsonl(cache, [{"name": row.name, "key": key, "ref_logp": kept[key]} for key in keys])
+        for record, key in zip(records, keys):
+            record["ref_logp"] = kept[key]
     results = [
         row_stats(r.name, data[r.name], data.get(r.baseline or baseline), n_boot, seed, num_examples, r.kl)
         | {"baseline": r.baseline or baseline}
+        | ({"per_prompt": per_prompt_values(data[r.name])} if per_prompt else {})
         for r in rows
     ]
     with atomic_path(out) as tmp:
