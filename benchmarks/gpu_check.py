@@ -1,7 +1,8 @@
 """The GPU proof in one command: bf16 WSPO fits under FSDP and FSDP2, QLoRA under FSDP2, the 4-bit weak pair's
-memory, the step benchmark and CBS, on models built on the spot from configs, as one markdown table.
+memory, the step benchmark and CBS, on models built on the spot from configs, and the README's "Run on a GPU
+node" commands on one GPU, as one markdown table.
 
-    scripts/gpu_check.sh --out OUT              # on a machine with a CUDA GPU: about 5 minutes on an H100/H200
+    scripts/gpu_check.sh --out OUT              # on a machine with a CUDA GPU: about 6 minutes on an H100/H200
     scripts/gpu_check.sh --dry-run --out OUT    # the same stages on CPU with tiny models (CI runs it)
 
 Stages, each in a fresh process with its own time limit (a failed or timed-out stage is a row saying so, and
@@ -10,6 +11,11 @@ the rest still run), all inside `--budget` seconds:
   build        random Llamas written from configs (no downloads): a policy of `hidden x layers` (0.89B
                parameters on a GPU), a weak pair (0.16B each), mixed-length toy records, a fit config and its
                logps cache (`wspo precompute`); and the device's measured bf16 matmul rate
+  gpu_path     the README's "Run on a GPU node" commands in order (weak DPO fit, precompute, WSPO fit under FSDP2,
+               DPO fit, sample x3, score x3, evaluate, push) with the shipped recipes on one device, against
+               random stand-ins of the recipes' Qwen2 models (benchmarks/recipe_stand_ins.py: 256 x 4 layers on a
+               GPU, 4 steps, 256 tokens), one process for torchrun's eight: wall time and exit of each command;
+               the push, offline, must fail in one line
   fit_fsdp1    `wspo fit` of that config on one device with configs/strategies/fsdp.yaml (FSDPStrategy), bf16-mixed,
                the reference copy and the weak pair live: tokens/s, peak memory, first and last loss
   fit_fsdp2    the same with configs/strategies/fsdp2.yaml (FSDP2Strategy)
@@ -20,8 +26,9 @@ the rest still run), all inside `--budget` seconds:
   packing      benchmarks/packing.py: packed over padded tokens/s on records of mixed lengths (policy step, frozen
                forward)
 
-On CPU (`--dry-run`) every stage runs the same code on tiny models in float32, except FSDP1, which torch runs
-only on an accelerator: its row says so. The figures of a dry run only show that the path works.
+On CPU (`--dry-run`) every stage runs the same code on tiny models in float32 (the README path: the recipes'
+precisions), except FSDP1, which torch runs only on an accelerator: its row says so. The figures of a dry run
+only show that the path works.
 Writes OUT/gpu_check.md (the table) and OUT/gpu_check.json (every figure).
 """
 
@@ -29,7 +36,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import importlib.util
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -43,7 +53,7 @@ sys.path.insert(0, str(HERE))  # wspo_step, as a sibling script
 
 import torch  # noqa: E402
 
-STAGES = ["build", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs", "packing"]
+STAGES = ["build", "gpu_path", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs", "packing"]
 
 # Model and run sizes: a ~0.9B policy and 0.16B weak pair over a 32k vocabulary on a GPU; tiny ones on CPU.
 SIZES = {
@@ -60,7 +70,7 @@ SIZES = {
         memory_steps=2,
         cbs=["--hidden-size", "1024", "--layers", "8", "--prompts", "4", "--repeats", "2"],
         packing=["--hidden-size", "2048", "--layers", "16", "--vocab", "32000", "--batch", "16", "--dtype", "bfloat16"],
-        timeouts=dict(build=75, fit_fsdp1=70, fit_fsdp2=60, qlora_fsdp2=60, step=110, cbs=45, packing=50),
+        timeouts=dict(build=75, gpu_path=150, fit_fsdp1=70, fit_fsdp2=60, qlora_fsdp2=60, step=110, cbs=45, packing=50),
     ),
     "dry": dict(
         hidden_size=64,
@@ -75,7 +85,9 @@ SIZES = {
         memory_steps=1,
         cbs=["--hidden-size", "64", "--layers", "2", "--max-new-tokens", "8", "--repeats", "1", "-W", "2", "-K", "2"],
         packing=["--hidden-size", "64", "--layers", "2", "--vocab", "512", "--batches", "2", "--max-response", "64"],
-        timeouts=dict(build=120, fit_fsdp1=60, fit_fsdp2=120, qlora_fsdp2=120, step=240, cbs=120, packing=120),
+        timeouts=dict(
+            build=120, gpu_path=180, fit_fsdp1=60, fit_fsdp2=120, qlora_fsdp2=120, step=240, cbs=120, packing=120
+        ),
     ),
 }
 
@@ -88,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="every stage on CPU with tiny models")
     p.add_argument("--out", default="gpu_check_out", help="folder for gpu_check.md and gpu_check.json")
     p.add_argument("--work", default=None, help="folder for models, data and logs (default: OUT/work)")
-    p.add_argument("--budget", type=float, default=330, help="seconds for all stages together")
+    p.add_argument("--budget", type=float, default=450, help="seconds for all stages together")
     p.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of " + ", ".join(STAGES))
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # run one stage (in a child process)
     return p.parse_args(argv)
@@ -246,9 +258,55 @@ def stage_script(script: str, args: list[str], size: argparse.Namespace) -> dict
     return name_values(done.stdout)
 
 
+def push_failed_in_one_line(row: dict) -> bool:
+    """Offline, `wspo push` checks the login and the Hub before uploading: exit 2 and one `wspo: error:` line."""
+    return row["exit"] == 2 and len(row["errors"]) == 1
+
+
+def stage_gpu_path(work: Path, size: argparse.Namespace) -> dict:
+    """The README's "Run on a GPU node" commands in order on one device, against stand-ins of the recipes'
+    models and data (benchmarks/recipe_stand_ins.py), each command's row written as it ends."""
+    import recipe_stand_ins
+
+    missing = [name for name in ("pyarrow", "datasets") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"the path reads UltraFeedback's parquet layout: {', '.join(missing)} not installed here")
+    wandb = importlib.util.find_spec("wandb") is not None  # else the recipes' W&B loggers become CSV loggers
+    if size.device == "cpu":  # 16 new tokens per sample: a tiny model on a CPU samples 128 in seconds, not ms
+        stand_ins, accelerator = dataclasses.replace(recipe_stand_ins.TINY, max_new_tokens=16), "cpu"
+    else:
+        stand_ins, accelerator = recipe_stand_ins.SMALL, "gpu"
+    folder = work / "gpu_path"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ["WANDB_DIR"] = str(folder)
+    figures = {
+        "device": torch.cuda.get_device_name() if size.device != "cpu" else "CPU (dry run)",
+        "logger": "W&B offline" if wandb else "CSV (wandb is not installed here)",
+        "stand_ins": f"{stand_ins.hidden_size} x {stand_ins.num_layers}-layer stand-ins, {stand_ins.max_steps} "
+        f"steps, {stand_ins.max_length} tokens",
+        "commands": [],
+    }
+    partial = work / "results" / "gpu_path.partial.json"
+    partial.unlink(missing_ok=True)  # an earlier run's
+
+    def report(row: dict) -> None:
+        is_push = row["command"].startswith("wspo push")
+        row["ok"] = row["exit"] == 0 or (is_push and push_failed_in_one_line(row))
+        figures["commands"].append(row)
+        partial.write_text(json.dumps(figures, indent=1))  # what a timed-out stage still shows
+        print(f"gpu_path: {row['label']}: {row['seconds']} s, exit {row['exit']}", flush=True)
+
+    recipe_stand_ins.run_readme_path(folder, stand_ins, accelerator, wandb=wandb, report=report)
+    figures["failed"] = sum(not row["ok"] for row in figures["commands"])
+    return figures
+
+
 def run_stage(name: str, work: Path, size: argparse.Namespace) -> dict:
     if name == "build":
         return stage_build(work, size)
+    if name == "gpu_path":
+        return stage_gpu_path(work, size)
     if name == "fit_fsdp1":
         if size.device == "cpu":
             return {"skipped": "FSDP1 runs only on an accelerator (torch and Lightning refuse it on CPU)"}
@@ -285,7 +343,7 @@ def cell(result: dict | None, key: str, fmt: str = "{:.3g}") -> str:
 def table(results: dict[str, dict], dry_run: bool) -> str:
     """The markdown table of `results` (stage -> figures, or {"error"|"skipped": why})."""
     build = results.get("build") or {}
-    device = build.get("device", "unknown")
+    device = build.get("device") or (results.get("gpu_path") or {}).get("device", "unknown")
     step = results.get("step")
     float_name = "float32" if dry_run else "bf16"
     lines = [
@@ -322,8 +380,30 @@ def table(results: dict[str, dict], dry_run: bool) -> str:
         f"| packing (`data.packing`), mixed lengths, sdpa | tokens/s packed over padded, policy step | "
         f"{cell(results.get('packing'), 'packed_over_padded_step')} |",
         f"| | the same, frozen forward | {cell(results.get('packing'), 'packed_over_padded_frozen')} |",
+        *gpu_path_rows(results.get("gpu_path")),
     ]
     return "\n".join(lines) + "\n"
+
+
+def gpu_path_rows(result: dict | None) -> list[str]:
+    """The README path's rows: each command's wall time and whether it passed."""
+    head = 'README "Run on a GPU node", 1 device (torchrun\'s 8 processes as 1)'
+    if result is None or not result.get("commands"):
+        return [f"| {head} | every command | {cell(result, 'failed')} |"]
+    lines = []
+    for row in result["commands"]:
+        if row["exit"] is None:
+            value = "not run: an earlier command failed"
+        elif row["ok"] and row["exit"] != 0:
+            value = f"{row['seconds']:.1f} s, pass: offline, exit {row['exit']} in one line: {row['errors'][0][:110]}"
+        else:
+            value = f"{row['seconds']:.1f} s, " + ("pass" if row["ok"] else f"FAIL (exit {row['exit']})")
+            value += f": {row['errors'][-1][:150]}" if row["errors"] and not row["ok"] else ""
+        first = f"{head}, {result['stand_ins']}, {result['logger']}" if not lines else ""
+        lines.append(f"| {first} | `{row['label']}` | {value} |".replace("|  |", "| |"))
+    if "error" in result:
+        lines.append(f"| | (stage) | {result['error']} |")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -362,14 +442,16 @@ def main(argv=None) -> int:
                 last = [line for line in done.stderr.strip().splitlines() if line.strip()]
                 results[stage] = {"error": "failed: " + (last[-1][:200] if last else f"exit {done.returncode}")}
         except subprocess.TimeoutExpired:
-            results[stage] = {"error": f"timed out after {limit:.0f} s"}
+            partial = work / "results" / f"{stage}.partial.json"  # the rows a stage wrote as it went
+            results[stage] = json.loads(partial.read_text()) if partial.exists() else {}
+            results[stage]["error"] = f"timed out after {limit:.0f} s"
         results[stage]["seconds"] = round(time.monotonic() - start, 1)
         print(f"gpu_check: {stage}: {results[stage]}", flush=True)
         out.mkdir(parents=True, exist_ok=True)  # the table so far, so a cut-short run still leaves figures
         (out / "gpu_check.json").write_text(json.dumps(results, indent=1))
         (out / "gpu_check.md").write_text(table(results, args.dry_run))
     print(table(results, args.dry_run))
-    return 0 if all("error" not in r for r in results.values()) else 1
+    return 0 if all("error" not in r and not r.get("failed") for r in results.values()) else 1
 
 
 if __name__ == "__main__":

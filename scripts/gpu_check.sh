@@ -3,7 +3,7 @@
 #
 #   scripts/gpu_check.sh --fetch-wheels          # once, where PyPI is reachable: the packages a bare GPU image
 #                                                # may lack (bitsandbytes, jsonargparse and its helpers) into .whl/
-#   scripts/gpu_check.sh --out OUT               # on the CUDA machine (no network needed): ~5 minutes
+#   scripts/gpu_check.sh --out OUT               # on the CUDA machine (no network needed): ~6 minutes (estimated)
 #   scripts/gpu_check.sh --dry-run --out OUT     # the same stages on CPU with tiny models (CI runs it)
 #
 # Wheels found in .whl/ are installed into a private folder first when their packages are missing.

@@ -14,14 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
 from wspo_lightning.lightning_cli import run_cli
-from wspo_lightning.tiny import build_tiny_model, preference_records
+from wspo_lightning.tiny import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -265,36 +263,6 @@ def assert_frozen_roles_sharded(stderr: str, ranks: int = 2, roles: int = 3) -> 
     assert len(found) == roles * ranks, stderr[-3000:]
     assert sum(local for local, _ in found) * ranks == sum(total for _, total in found)
     assert all(local < total for local, total in found)
-
-
-def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
-    """Rows shaped as HuggingFaceH4/ultrafeedback_binarized's: a prompt string beside whole conversations."""
-    rows = []
-    for r in preference_records(n, seed):
-        user = {"role": "user", "content": r["prompt"]}
-        chosen = [user, {"role": "assistant", "content": r["chosen"]}]
-        rows.append(
-            {
-                "prompt": r["prompt"],
-                "prompt_id": r["id"],
-                "chosen": chosen,
-                "rejected": [user, {"role": "assistant", "content": r["rejected"]}],
-                "messages": chosen,
-                "score_chosen": 8.0,
-                "score_rejected": 3.5,
-            }
-        )
-    return rows
-
-
-def write_hub_layout(folder, splits: dict[str, list[dict]], subset: str | None = None):
-    """A dataset folder as `hf download --repo-type dataset` leaves it: data/{split}-00000-of-00001.parquet
-    (under data/{subset}/ with a README declaring the subsets when `subset` is given)."""
-    data = folder / "data" / (subset or "")
-    data.mkdir(parents=True, exist_ok=True)
-    for split, rows in splits.items():
-        pq.write_table(pa.Table.from_pylist(rows), data / f"{split}-00000-of-00001.parquet")
-    return folder
 
 
 def generate_yaml(world: Path, path: Path, **settings) -> Path:

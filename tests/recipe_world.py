@@ -1,89 +1,40 @@
 """What the recipe tests share: tiny stand-ins of the recipes' model families and data, a recipe rewritten for a
 CPU, `wspo` run as its own process would (its W&B run ends with it), and an environment restored after each
-test (in-process DDP/FSDP2 runs and W&B set variables that later launches would inherit)."""
+test (in-process DDP/FSDP2 runs and W&B set variables that later launches would inherit).
+
+The stand-ins and the rewriting live in benchmarks/recipe_stand_ins.py, which benchmarks/gpu_check.py runs on a
+GPU too."""
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-import yaml
-from helpers import ROOT, ultrafeedback_rows, write_hub_layout
+from helpers import ROOT
 
-from wspo_lightning.cli import main as wspo
-from wspo_lightning.io import write_jsonl
-from wspo_lightning.tiny import build_tokenizer, preference_records, write_tiny_model
+sys.path.append(str(ROOT / "benchmarks"))  # recipe_stand_ins, after everything else
 
-RECIPES = sorted((ROOT / "configs" / "recipes").glob("*.yaml"))
-ROLES = ("policy", "reference", "weak_base", "weak_aligned")
+from recipe_stand_ins import (  # noqa: E402
+    RECIPES,
+    ROLES,
+    TINY,
+    for_device,
+    readme_gpu_commands,
+    run,
+    run_readme_path,
+    stand_in,
+    write_stand_ins,
+)
 
-
-def write_stand_ins(root: Path) -> dict[str, Path]:
-    """Tiny models per family (the base, and another seed for the aligned one) and the data files."""
-    tokenizers = {
-        "qwen": ("qwen2", build_tokenizer(shape="chatml")),
-        "llama": ("llama", build_tokenizer(shape="llama3")),  # another family's vocabulary and template
-        "gpt2": ("gpt2", build_tokenizer(chat_template=False)),
-    }
-    out = {}
-    for seed, (family, (arch, tokenizer)) in enumerate(tokenizers.items()):
-        for kind, offset in (("", 0), ("_aligned", 10)):
-            out[family + kind] = write_tiny_model(
-                root / (family + kind), arch, seed + offset, hidden_size=64, tokenizer=tokenizer
-            )  # 64: bitsandbytes quantizes in blocks of 64
-    train, test = ultrafeedback_rows(12), ultrafeedback_rows(4, seed=1)
-    out["ultrafeedback"] = write_hub_layout(root / "ultrafeedback", {"train_prefs": train, "test_prefs": test})
-    out["jsonl"] = root / "preferences.jsonl"
-    write_jsonl(out["jsonl"], preference_records(16))
-    return out
-
-
-def stand_in(path: str, models: dict[str, Path], keep_runs: bool = False) -> str:
-    """The tiny model standing in for a recipe's model path: same family; an export of an earlier recipe
-    (`runs/...`) is the family's aligned model, or itself with `keep_runs` (the earlier recipe ran)."""
-    if keep_runs and path.startswith("runs/"):
-        return path
-    name = path.lower()
-    family = "llama" if "llama" in name else "gpt2" if "gpt2" in name else "qwen"
-    return str(models[family + ("_aligned" if name.startswith("runs/") else "")])
+__all__ = ["RECIPES", "ROLES", "TINY", "on_cpu", "own_environment", "readme_gpu_commands", "run"]
+__all__ += ["run_readme_path", "stand_in", "write_stand_ins"]
 
 
 def on_cpu(recipe: Path, models: dict[str, Path], out: Path, keep_runs: bool = False) -> Path:
-    """The recipe with only model paths, device counts, lengths, step counts and FSDP1 changed; written to
-    `out`, which is also the working folder (the recipe's relative `runs/...` paths land there)."""
-    config = yaml.safe_load(recipe.read_text())
-    trainer, model, data = config["trainer"], config["model"]["init_args"], config["data"]
-    trainer.update(accelerator="cpu", devices=1, num_nodes=1, max_epochs=None, max_steps=2)
-    trainer.update(val_check_interval=1.0, limit_val_batches=2, num_sanity_val_steps=0)
-    strategy = trainer.get("strategy")
-    if isinstance(strategy, dict) and strategy["class_path"].endswith(".FSDPStrategy"):
-        trainer["strategy"] = {"class_path": "wspo_lightning.strategies.FSDP2Strategy"}
-    for callback in trainer.get("callbacks", []):
-        args = callback.setdefault("init_args", {}) or {}
-        callback["init_args"] = args
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            args["every_n_train_steps"] = 1
-        if callback["class_path"].endswith("SampleTable"):
-            args.update(num_prompts=2, sampling={**(args.get("sampling") or {}), "max_new_tokens": 4})
-    for role in ROLES:
-        if isinstance(model.get(role), dict):
-            model[role]["path"] = stand_in(model[role]["path"], models, keep_runs)
-    is_hub_layout = "train_split" in data
-    data["train_path"] = str(models["ultrafeedback"] if is_hub_layout else models["jsonl"])
-    data.update(max_length=96, num_workers=0)
-    path = out / recipe.name
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def run(argv: list[str]) -> int:
-    """`wspo ARGV` as its own process would run it: its W&B run ends with it."""
-    import wandb
-
-    try:
-        return wspo(argv)
-    finally:
-        wandb.finish()
+    """The recipe on a CPU with only model paths, device counts, lengths, step counts and FSDP1 changed;
+    written to `out`, also the working folder (the recipe's relative `runs/...` paths land there)."""
+    return for_device(recipe, models, out, keep_runs)
 
 
 def own_environment():

@@ -1,5 +1,6 @@
 """`scripts/gpu_check.sh --dry-run`: every stage of the GPU check runs on CPU with tiny models and lands in the
-table (FSDP1 excepted: torch runs it only on an accelerator, and the row says so)."""
+table (FSDP1 excepted: torch runs it only on an accelerator, and the row says so), the README's "Run on a GPU
+node" commands among them."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def dry_run(tmp_path_factory):
 
 def test_every_stage_ran_and_the_table_shows_its_figures(dry_run):
     out, results, table = dry_run
-    assert list(results) == ["build", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs", "packing"]
+    assert list(results) == ["build", "gpu_path", "fit_fsdp1", "fit_fsdp2", "qlora_fsdp2", "step", "cbs", "packing"]
     assert results["fit_fsdp1"]["skipped"].startswith("FSDP1 runs only on an accelerator")
     assert not any("error" in r for r in results.values()), results
     assert "Device: **CPU (dry run)**" in table
@@ -82,3 +83,23 @@ def test_the_figures_agree_with_the_world_it_built(dry_run):
 
     ratio = stored("4bit") / stored("none")
     assert step["memory_weak_4bit_over_float32_weights"] == pytest.approx(ratio, abs=1e-3) and 0 < ratio < 1
+
+
+def test_the_readme_gpu_path_ran_every_command_and_the_offline_push_failed_in_one_line(dry_run):
+    """The `gpu_path` stage: each command of the README's block, in order, with its wall time in the table; the
+    push, offline and without a login, ends in one `wspo: error:` line (exit 2), which is its pass."""
+    sys.path.append(str(ROOT / "benchmarks"))
+    from recipe_stand_ins import label, readme_gpu_commands
+
+    _, results, table = dry_run
+    path = results["gpu_path"]
+    commands = path["commands"]
+    assert [row["command"] for row in commands] == readme_gpu_commands()
+    assert path["failed"] == 0 and all(row["ok"] for row in commands), commands
+    assert [row["exit"] for row in commands] == [0] * (len(commands) - 1) + [2]
+    (push_error,) = commands[-1]["errors"]
+    assert push_error.startswith("wspo: error: HFExport.push_to_hub:") and "wspo push DIR --hub_repo_id" in push_error
+    for row in commands:
+        assert f"| `{row['label']}` | {row['seconds']:.1f} s, pass" in table
+    assert label(commands[2]["command"]) == "torchrun wspo fit qwen2.5_0.5b_to_7b_fsdp2.yaml"
+    assert path["stand_ins"].startswith("64 x 2-layer stand-ins") and path["logger"] == "W&B offline"

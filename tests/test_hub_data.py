@@ -4,13 +4,13 @@ columns, subsets), Hub ids offline, and a short `wspo fit` on a Hub-layout folde
 from __future__ import annotations
 
 import pytest
-from helpers import fit, metrics, tiny_config, ultrafeedback_rows, write_hub_layout
+from helpers import fit, metrics, tiny_config
 
 from wspo_lightning.cli import main as wspo
 from wspo_lightning.data import PreferenceDataModule, load_records
 from wspo_lightning.data.hub import is_hub_id
 from wspo_lightning.errors import InputError
-from wspo_lightning.tiny import preference_records
+from wspo_lightning.tiny import preference_records, ultrafeedback_rows, write_hub_layout
 
 
 def _write_subsets_readme(folder, subsets: dict[str, list[str]]):

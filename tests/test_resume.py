@@ -16,7 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import by_step, tiny_config
+from helpers import by_step, metrics, tiny_config
 from safetensors.torch import load_file
 
 from wspo_lightning.callbacks import AtomicCheckpointIO, NonFiniteGuard
@@ -105,6 +105,9 @@ def test_kill_9_mid_epoch_then_ckpt_path_last_ends_bit_identical_to_an_uninterru
         assert sorted(a) == list(range(12)), metric
         assert {step: b[step] for step in range(6, 12)} == {step: a[step] for step in range(6, 12)}, metric
     assert by_step(tmp_path / "a", "train/wspo/gamma")[6] == pytest.approx(0.5 + 1.5 * 6 / 10)  # mid warm-up
+    # one CSV version folder, each step once (the killed run's step 6 dropped, logged again by the resumed run)
+    assert [p.name for p in (tmp_path / "b" / "logs" / "wspo").iterdir()] == ["version_0"]
+    assert metrics(tmp_path / "b")["step"] == metrics(tmp_path / "a")["step"]
 
 
 # ----------------------------------------------------------------------------- preemption under SLURM
@@ -164,6 +167,9 @@ def test_a_slurm_preemption_saves_requeues_and_the_requeued_job_ends_as_an_unint
     a, b = by_step(tmp_path / "a"), by_step(tmp_path / "b")
     assert sorted(a) == list(range(10)) and 5 in b, b
     assert {step: b[step] for step in range(5, 10)} == pytest.approx({step: a[step] for step in range(5, 10)}, rel=1e-6)
+    # the requeued job wrote into the job's CSV version folder, each step once
+    assert [p.name for p in (tmp_path / "b" / "logs" / "wspo").iterdir()] == ["version_0"]
+    assert metrics(tmp_path / "b")["step"] == metrics(tmp_path / "a")["step"]
 
 
 # ----------------------------------------------------------------------------- the loader's position

@@ -41,7 +41,10 @@ class _WandbRecorder(WandbLogger):
 def test_reward_margin_logger_logs_quantiles_and_the_documented_histograms_of_validation_rewards():
     recorder = _WandbRecorder()
     trainer = types.SimpleNamespace(sanity_checking=False, is_global_zero=True, loggers=[recorder], global_step=7)
-    module = types.SimpleNamespace(all_gather=lambda t: t)  # one rank
+    # one rank; quantiles go through the module's log_dict (Lightning logs them at its validation step)
+    module = types.SimpleNamespace(
+        all_gather=lambda t: t, log_dict=lambda metrics, **_: recorder.metrics.update(metrics)
+    )
     callback = RewardMarginLogger()
     callback.on_validation_epoch_start(trainer, module)
     # two validation batches of WSPOModule.evaluate's dict; weak margins [1, -1] then [3], strong margins all 0

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import launch, torchrun, ultrafeedback_rows, write_hub_layout
+from helpers import launch, torchrun
 
 from wspo_lightning.cli import main as wspo
 from wspo_lightning.data.records import load_prompts
 from wspo_lightning.errors import InputError
+from wspo_lightning.tiny import ultrafeedback_rows, write_hub_layout
 
 
 @pytest.fixture(scope="module")

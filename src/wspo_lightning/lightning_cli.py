@@ -19,6 +19,7 @@ from typing import Any
 from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
+from wspo_lightning.callbacks.runs import continue_csv_logs
 from wspo_lightning.data import PreferenceDataModule
 from wspo_lightning.errors import InputError, input_error_in
 from wspo_lightning.module import PreferenceModule
@@ -87,13 +88,19 @@ class WSPOLightningCLI(LightningCLI):
             raise InputError(f"config: {parser_message(str(err))}") from err
 
     def before_instantiate_classes(self) -> None:
-        if self.subcommand == "fit":  # a resumed or requeued run logs into the W&B run it started
+        # a resumed or requeued run logs into the W&B run and the CSV version folder it started
+        self._continued_csv: tuple[list, int] | None = None
+        if self.subcommand == "fit":
             checkpoint = checkpoint_to_resume(self.config.fit)
             if checkpoint is not None:
-                continue_runs(self.config.fit, self.written, checkpoint_metadata(checkpoint))
+                saved = checkpoint_metadata(checkpoint)
+                versions = continue_runs(self.config.fit, self.written, saved)
+                self._continued_csv = (versions, int(saved.get("global_step", 0))) if versions else None
 
     def instantiate_trainer(self, **kwargs: Any):
         trainer = super().instantiate_trainer(**kwargs)
+        if getattr(self, "_continued_csv", None):  # metrics.csv continues from the checkpoint's step
+            continue_csv_logs(trainer, *self._continued_csv)
         add_fault_defaults(trainer)
         self._warn_slow_precision(trainer)
         self._warn_double_checkpointing(trainer)

@@ -146,24 +146,34 @@ def checkpoint_metadata(path: str | Path) -> dict:
     return torch.load(path, weights_only=True, map_location="cpu", mmap=True)
 
 
-def continue_runs(config: Namespace, written: Namespace, checkpoint: dict) -> None:
-    """Each `WandbLogger` of `config` without an id of the user's continues the W&B run whose id `checkpoint`
-    holds (`RunIdentity`); a written id that differs gets one warning line and wins."""
-    saved = (checkpoint.get("callbacks") or {}).get("RunIdentity", {}).get("wandb_ids") or []
+def _loggers_of(config: Namespace, kind: str) -> list[Namespace]:
+    """The `trainer.logger` entries of `config` whose class is `kind` (a class name), in order."""
     loggers = config.get("trainer.logger")
     loggers = loggers if isinstance(loggers, list) else [loggers]
-    wandb = [
-        lg for lg in loggers if isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")
-    ]
-    mine = written.get("trainer.logger")
-    mine = mine if isinstance(mine, list) else [mine]
-    mine_wandb = [
-        lg for lg in mine if isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith("WandbLogger")
-    ]
-    for i, (logger, run_id) in enumerate(zip(wandb, saved)):
-        given = mine_wandb[i] if i < len(mine_wandb) else Namespace()
-        chosen = given.get("init_args.id") or given.get("init_args.version")
-        if chosen is None:
-            logger.init_args.id = run_id
-        elif chosen != run_id:
-            log.warning("resume: W&B run id %r as given, not the checkpoint's %r: a new W&B run", chosen, run_id)
+    return [lg for lg in loggers if isinstance(lg, Namespace) and str(lg.get("class_path", "")).endswith(kind)]
+
+
+# What a resumed run continues, per logger class: the RunIdentity key of the checkpoint's values, the logger's
+# arguments that name one (the first is set), and what the warning calls it and what a new value opens.
+CONTINUED = (
+    ("WandbLogger", "wandb_ids", ("id", "version"), "W&B run id", "W&B run"),
+    ("CSVLogger", "csv_versions", ("version",), "CSV version", "version folder"),
+)
+
+
+def continue_runs(config: Namespace, written: Namespace, checkpoint: dict) -> list:
+    """Each `WandbLogger` of `config` without an id of the user's continues the W&B run whose id `checkpoint`
+    holds, and each `CSVLogger` without a version of the user's its version folder (`RunIdentity`); a written
+    id or version that differs gets one warning line and wins. Returns the checkpoint's CSV versions, for
+    `callbacks.runs.continue_csv_logs`."""
+    saved = (checkpoint.get("callbacks") or {}).get("RunIdentity", {})
+    for kind, key, names, what, new in CONTINUED:
+        mine = _loggers_of(written, kind)
+        for i, (logger, kept) in enumerate(zip(_loggers_of(config, kind), saved.get(key) or [])):
+            given = mine[i] if i < len(mine) else Namespace()
+            chosen = next((v for v in (given.get(f"init_args.{n}") for n in names) if v is not None), None)
+            if chosen is None:
+                logger.init_args[names[0]] = kept
+            elif str(chosen) != str(kept):
+                log.warning("resume: %s %r as given, not the checkpoint's %r: a new %s", what, chosen, kept, new)
+    return list(saved.get("csv_versions") or [])

@@ -254,6 +254,33 @@ def tiny(out: str, arch: str = "llama", n_train: int = 64, n_val: int = 16) -> P
     return path
 
 
+def ultrafeedback_rows(n: int, seed: int = 0) -> list[dict]:
+    """Rows shaped as HuggingFaceH4/ultrafeedback_binarized's: a prompt string beside whole conversations."""
+    rows = []
+    for r in preference_records(n, seed):
+        user = {"role": "user", "content": r["prompt"]}
+        chosen = [user, {"role": "assistant", "content": r["chosen"]}]
+        rejected = [user, {"role": "assistant", "content": r["rejected"]}]
+        rows.append(
+            {"prompt": r["prompt"], "prompt_id": r["id"], "chosen": chosen, "rejected": rejected, "messages": chosen}
+            | {"score_chosen": 8.0, "score_rejected": 3.5}
+        )
+    return rows
+
+
+def write_hub_layout(folder: Path, splits: dict[str, list[dict]], subset: str | None = None) -> Path:
+    """A dataset folder as `hf download --repo-type dataset` leaves it: data/{split}-00000-of-00001.parquet
+    (under data/{subset}/ with a README declaring the subsets when `subset` is given)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = folder / "data" / (subset or "")
+    data.mkdir(parents=True, exist_ok=True)
+    for split, rows in splits.items():
+        pq.write_table(pa.Table.from_pylist(rows), data / f"{split}-00000-of-00001.parquet")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     """`wspo tiny --out DIR [--arch llama|qwen2|gpt2] [--n_train N] [--n_val N]`."""
     return run_function(tiny, argv, "wspo tiny")

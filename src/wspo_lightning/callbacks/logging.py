@@ -76,8 +76,9 @@ class RewardMarginLogger(pl.Callback):
             histograms[f"{kind}_margin"] = margin
             for q in self.quantiles:
                 metrics[f"val/rewards/{kind}_margin_q{round(q * 100):02d}"] = float(margin.quantile(q))
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        # through Lightning's logging, so the rows land at the step its validation metrics use (a resumed run's
+        # CSV keeps the rows before its checkpoint's step: logged at global_step they would sit one step late)
+        pl_module.log_dict(metrics, rank_zero_only=True)
         for logger in _wandb_loggers(trainer):
             import wandb
 
