@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extrapolate": ("wspo_lightning.pipeline.extrapolate:main", "stage: ExPO weights, R + (1 + alpha)(M - R)"),
     "push": ("wspo_lightning.callbacks.export:main", "upload an export folder to the Hugging Face Hub (or retry)"),
     "workspace": ("wspo_lightning.pipeline.workspace:main", "a ready W&B workspace (dashboard) for a project's runs"),
+    "plan": ("wspo_lightning.plan:main", "memory per GPU of a fit config, on paper (no weights load)"),
 }
 LIGHTNING = ("fit", "validate", "test")
 
