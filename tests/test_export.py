@@ -207,3 +207,27 @@ def test_the_export_dtype_follows_the_training_precision_unless_given(tiny_world
     assert "base_model: org/tiny-base" in card and "| weights | bfloat16 |" in card
     with pytest.raises(InputError, match="HFExport.dtype must be one of float32, bfloat16, float16"):
         HFExport(dtype="int8")
+
+
+def test_a_cast_export_of_tied_embeddings_writes_the_shared_weight_once(tmp_path):
+    """A bf16 export of a float32 model whose lm_head shares the embeddings: one stored tensor (as an uncast
+    save_pretrained writes), equal to the embeddings cast, and the reloaded model ties them again."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from wspo_lightning.callbacks.export import cast_state_dict
+
+    config = Qwen2Config(
+        vocab_size=37, hidden_size=24, intermediate_size=45, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = Qwen2ForCausalLM(config)
+    model.save_pretrained(tmp_path / "float32")
+    model.save_pretrained(tmp_path / "bf16", state_dict=cast_state_dict(model, torch.bfloat16))
+    stored = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert stored.keys() == load_file(tmp_path / "float32" / "model.safetensors").keys()
+    assert "lm_head.weight" not in stored
+    for name, tensor in model.state_dict().items():
+        if name in stored:
+            assert torch.equal(stored[name], tensor.to(torch.bfloat16)), name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert reloaded.lm_head.weight is reloaded.model.embed_tokens.weight

@@ -39,6 +39,22 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def cast_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with its floating tensors cast to `dtype`, a tensor shared by several names (a tied
+    embedding and lm_head) cast once and shared still, so `save_pretrained` writes it once as it does uncast."""
+    cast: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if not tensor.is_floating_point():
+            out[name] = tensor
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if key not in cast:
+            cast[key] = tensor.to(dtype)
+        out[name] = cast[key]
+    return out
+
+
 def unsharded_copy(policy: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A plain CPU model of the policy's class (with its LoRA adapters, if any) holding `state_dict`.
 
@@ -227,7 +243,7 @@ class HFExport(pl.Callback):
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         dtype = None if hasattr(policy, "peft_config") else export_dtype(self.dtype, str(trainer.precision), policy)
         if dtype is not None and state_dict is None:  # a cast copy of the tensors: the trained module stays as it is
-            state_dict = {name: t.to(dtype) if t.is_floating_point() else t for name, t in policy.state_dict().items()}
+            state_dict = cast_state_dict(policy, dtype)
         card = model_card(trainer, pl_module, lora_note, base_model=self.base_model, dtype=dtype)
         with atomic_path(out) as tmp:  # a run killed mid-write leaves the previous export (or none), never half a one
             policy.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
