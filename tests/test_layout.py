@@ -11,8 +11,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "wspo_lightning"
 TOP = "wspo_lightning"
-EXPERIMENT = ("pipeline", "demo")  # the layer on top, with the commands that run it
-MAY_IMPORT_EXPERIMENT = ("pipeline", "demo", "cli", "tiny")
+EXPERIMENT = ("pipeline", "demo", "study")  # the layer on top, with the commands that run it
+MAY_IMPORT_EXPERIMENT = ("pipeline", "demo", "study", "cli", "tiny")
 MAX_LINES = 400
 
 

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiny": ("wspo_lightning.tiny:main", "write tiny random models and toy data, for trying the CLI offline"),
     "demo": ("wspo_lightning.demo.command:main", "the CPU demo: weak-to-strong alignment of SmolLM2, end to end"),
     "demo-spread": ("wspo_lightning.demo.spread:main", "how the demo's rows move between seeds (finished runs)"),
+    "study": ("wspo_lightning.study.command:main", "the fair study: every method's reward-vs-KL frontier, one seed"),
     "sample": ("wspo_lightning.pipeline.sample:main", "stage: sample responses to prompts from one model"),
     "score": ("wspo_lightning.pipeline.score:main", "stage: add a gold reward to sampled responses"),
     "pairs": ("wspo_lightning.pipeline.pairs:main", "stage: preference pairs (best vs worst) from scored samples"),

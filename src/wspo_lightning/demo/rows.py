@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from wspo_lightning.decoding.args import SamplingArgs
 from wspo_lightning.demo.settings import DemoSettings
 from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec
@@ -76,7 +77,6 @@ class Rows:
         `baseline` (default: the strong base). A method whose weak pair steers the sampler (proxy) samples
         untempered; the others (sample, bon, cbs) draw with the search's sampler, and a search keeps one of
         W * K draws, as CBS."""
-        from wspo_lightning.decoding.command import GenerateConfig, generate
         from wspo_lightning.decoding.methods import resolve_method
 
         s = self.s
@@ -84,26 +84,60 @@ class Rows:
         decoding = resolve_method(method)
         sampling = s.eval_sampling() if decoding.steers_sampler else s.search_sampling()
         repeats = s.search_samples if decoding.search else s.eval_samples
+        weak_pair = (self.spec(self.weak_base), self.spec(self.weak_aligned))
         with self.timer(f"eval samples: {name}"):
-            if not done("generate", raw, self.force):
-                prompts = raw.with_name(f"{raw.stem}.prompts.jsonl")
-                write_jsonl(prompts, [r for r in read_jsonl(self.prompts) for _ in range(repeats)])
-                generate(
-                    GenerateConfig(
-                        strong=self.spec(strong),
-                        weak_base=self.spec(self.weak_base),
-                        weak_aligned=self.spec(self.weak_aligned),
-                        prompts=str(prompts),
-                        out=str(raw),
-                        method=method,
-                        alpha=s.proxy_alpha,
-                        beam_width=s.cbs_beam_width,
-                        num_continuations=s.cbs_continuations,
-                        chunk_length=s.cbs_chunk_length,
-                        best_of=s.cbs_beam_width * s.cbs_continuations,  # best-of-N gets CBS's budget, N = W * K
-                        **vars(sampling),  # batch_size counts sequences: a search's W * K draws share a batch
-                    )
-                )
-                prompts.unlink()
+            decode(
+                self.spec(strong),
+                weak_pair,
+                self.prompts,
+                raw,
+                method,
+                repeats,
+                sampling,
+                self.force,
+                alpha=s.proxy_alpha,
+                beam_width=s.cbs_beam_width,
+                num_continuations=s.cbs_continuations,
+                chunk_length=s.cbs_chunk_length,
+                best_of=s.cbs_beam_width * s.cbs_continuations,  # best-of-N gets CBS's budget, N = W * K
+            )
             score(str(raw), str(scored), reward=self.reward, force=self.force)
         self.rows.append(EvalRow(name, str(scored), baseline=baseline))
+
+
+def decode(
+    strong: ModelSpec,
+    weak_pair: tuple[ModelSpec, ModelSpec],
+    prompts: Path,
+    out: Path,
+    method: str,
+    repeats: int,
+    sampling: SamplingArgs,
+    force: bool,
+    **options: Any,
+) -> Path:
+    """`wspo generate` of `method` (steered by the weak pair: weak_base, weak_aligned) on every prompt of `prompts`,
+    each `repeats` times in a row, into `out`, unless it exists. `options` are the method's `GenerateConfig` fields
+    (alpha, beam_width, num_continuations, chunk_length, best_of); `sampling`'s batch_size counts sequences: a
+    search's W * K draws share a batch."""
+    from wspo_lightning.decoding.command import GenerateConfig, generate
+
+    if done("generate", out, force):
+        return out
+    repeated = out.with_name(f"{out.stem}.prompts.jsonl")
+    write_jsonl(repeated, [r for r in read_jsonl(prompts) for _ in range(repeats)])
+    weak_base, weak_aligned = weak_pair
+    generate(
+        GenerateConfig(
+            strong=strong,
+            weak_base=weak_base,
+            weak_aligned=weak_aligned,
+            prompts=str(repeated),
+            out=str(out),
+            method=method,
+            **options,
+            **vars(sampling),
+        )
+    )
+    repeated.unlink()
+    return out

@@ -82,18 +82,8 @@ def start(out: str, s: DemoSettings, force: bool, cache_dir: str | None, strong:
     """The run in the folder `out`: its settings saved (a warning when they changed), its precision and timer, the
     strong model and the prompt sets."""
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    settings_file = root / "settings.json"
-    if settings_file.exists() and json.loads(settings_file.read_text()) != asdict(s) and not force:
-        say(
-            "demo",
-            f"warning: {out} holds outputs made with other settings; stages whose outputs exist are "
-            "still skipped. Use --force or another --out to redo them with these settings.",
-        )
-    write_json(settings_file, asdict(s))
     p = resolve_precision(s)
-    say("demo", f"precision: {p.dtype} weights, trainer precision {p.trainer_precision} ({p.reason})")
-    timer = Timer(root / "timings.json", p)
+    timer = open_run(root, asdict(s), p, force, "demo")
     with timer("strong model"):
         strong_dir = Path(strong) if strong else strong_model_dir(cache_dir)
     run = DemoRun(s, root, p, timer, strong_dir, reward, force)
@@ -101,6 +91,55 @@ def start(out: str, s: DemoSettings, force: bool, cache_dir: str | None, strong:
     write_jsonl(run.train_prompts, train)
     write_jsonl(run.eval_prompts, held_out if s.eval_on == "heldout" else tuning)
     return run
+
+
+def open_run(root: Path, settings: dict, precision: Precision, force: bool, who: str) -> Timer:
+    """The run folder `root` with `settings` saved as settings.json (a warning when the folder's outputs were made
+    with other ones), its precision said, and its timer (`root/timings.json`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    settings_file = root / "settings.json"
+    if settings_file.exists() and json.loads(settings_file.read_text()) != settings and not force:
+        say(
+            who,
+            f"warning: {root} holds outputs made with other settings; stages whose outputs exist are "
+            "still skipped. Use --force or another --out to redo them with these settings.",
+        )
+    write_json(settings_file, settings)
+    say(
+        who,
+        f"precision: {precision.dtype} weights, trainer precision {precision.trainer_precision} ({precision.reason})",
+    )
+    return Timer(root / "timings.json", precision)
+
+
+def distil_weak_base(
+    s: DemoSettings, strong: Path, samples: Path, out: Path, precision: Precision, log_dir: Path, force: bool
+) -> Path:
+    """The weak base: the layers `s.weak_layers` of the strong model, distilled on its `samples`."""
+    return distill(
+        ModelSpec(str(strong)),
+        str(samples),
+        str(out),
+        layers=s.weak_layers,
+        epochs=s.distill_epochs,
+        learning_rate=s.distill_learning_rate,
+        batch_size=s.batch_size,
+        precision=precision.trainer_precision,
+        seed=s.seed,
+        log_dir=str(log_dir),
+        force=force,
+    )
+
+
+def preference_pairs(
+    spec: ModelSpec, prompts: Path, samples: Path, out: Path, num_samples: int, sampling: Any, reward: Any, force: bool
+) -> Path:
+    """Preference pairs `out`: `num_samples` samples of `spec` per prompt (`sampling`, a `SamplingArgs`), scored by
+    the gold `reward` (beside them, `.scored.jsonl`), best vs worst per prompt (ties dropped)."""
+    sample(spec, str(prompts), str(samples), num_samples=num_samples, force=force, **vars(sampling))
+    scored = samples.with_name(f"{samples.stem}.scored.jsonl")
+    score(str(samples), str(scored), reward=reward, force=force)
+    return pairs(str(scored), str(out), force=force)
 
 
 def make_weak_pair(run: DemoRun) -> None:
@@ -116,26 +155,13 @@ def make_weak_pair(run: DemoRun) -> None:
         spec = run.rows.spec(run.strong)
         sample(spec, str(run.train_prompts), str(strong_samples), seed=s.seed, limit=s.distill_prompts, **training)
     with run.timer("weak base: distil"):
-        distill(
-            ModelSpec(str(run.strong)),
-            str(strong_samples),
-            str(weak_base),
-            layers=s.weak_layers,
-            epochs=s.distill_epochs,
-            learning_rate=s.distill_learning_rate,
-            batch_size=s.batch_size,
-            precision=run.precision.trainer_precision,
-            seed=s.seed,
-            log_dir=str(run.runs / "distill"),
-            force=run.force,
-        )
+        distil_weak_base(s, run.strong, strong_samples, weak_base, run.precision, run.runs / "distill", run.force)
     run.rows.sampled("weak base", weak_base, kl=False)
     with run.timer("weak aligned: samples, reward, pairs"):
-        spec = run.rows.spec(weak_base)
-        sample(spec, str(run.train_prompts), str(weak_samples), num_samples=s.weak_samples, seed=s.seed + 1, **training)
-        scored = run.samples / "weak_train.scored.jsonl"
-        score(str(weak_samples), str(scored), reward=run.reward, force=run.force)
-        pairs(str(scored), str(run.pairs), force=run.force)
+        spec, sampling = run.rows.spec(weak_base), s.train_sampling(1)
+        preference_pairs(
+            spec, run.train_prompts, weak_samples, run.pairs, s.weak_samples, sampling, run.reward, run.force
+        )
     with run.timer("weak aligned: DPO"):
         config = weak_dpo_config(
             s, run.precision.trainer_precision, weak_base, run.pairs, run.runs / "weak_dpo", run.root

@@ -20,7 +20,9 @@ from wspo_lightning.pipeline.stage import done, say
 EXPORT = "wspo_lightning.callbacks.HFExport"
 
 
-def fit(config: Any, out: str, run_dir: str | None = None, force: bool = False) -> Path:
+def fit(
+    config: Any, out: str, run_dir: str | None = None, force: bool = False, export_dtype: str | None = None
+) -> Path:
     """Train with `wspo fit --config` unless the exported model folder `out` already exists.
 
     Args:
@@ -28,6 +30,8 @@ def fit(config: Any, out: str, run_dir: str | None = None, force: bool = False) 
         out: folder the trained policy is exported to (save_pretrained layout, with tokenizer).
         run_dir: folder for logs and the config as run (default: the parent of `out`).
         force: redo even if `out` exists.
+        export_dtype: dtype of the exported weights (float32 | bfloat16 | float16); None: HFExport's default,
+            the training precision's.
     """
     if done("fit", out, force):
         return Path(out)
@@ -40,7 +44,8 @@ def fit(config: Any, out: str, run_dir: str | None = None, force: bool = False) 
     with atomic_path(out) as tmp:
         trainer = config.setdefault("trainer", {})
         callbacks = [c for c in trainer.get("callbacks") or [] if not str(c.get("class_path", "")).endswith("HFExport")]
-        trainer["callbacks"] = callbacks + [{"class_path": EXPORT, "init_args": {"dirpath": str(tmp)}}]
+        export = {"dirpath": str(tmp)} | ({"dtype": export_dtype} if export_dtype else {})
+        trainer["callbacks"] = callbacks + [{"class_path": EXPORT, "init_args": export}]
         trainer.setdefault("default_root_dir", str(run))
         path = run / "fit.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
