@@ -101,5 +101,9 @@ def test_the_readme_gpu_path_ran_every_command_and_the_offline_push_failed_in_on
     assert push_error.startswith("wspo: error: HFExport.push_to_hub:") and "wspo push DIR --hub_repo_id" in push_error
     for row in commands:
         assert f"| `{row['label']}` | {row['seconds']:.1f} s, pass" in table
-    assert label(commands[2]["command"]) == "torchrun wspo fit qwen2.5_0.5b_to_7b_fsdp2.yaml"
+    labels = [label(row["command"]) for row in commands]
+    assert (
+        "torchrun wspo fit qwen2.5_0.5b_to_7b_fsdp2.yaml" in labels
+        and "wspo plan qwen2.5_0.5b_to_7b_fsdp2.yaml" in labels
+    )
     assert path["stand_ins"].startswith("64 x 2-layer stand-ins") and path["logger"] == "W&B offline"

@@ -82,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from jsonargparse import ArgumentError
 
+    finished = False
     try:
-        return int(_load(COMMANDS[name][0])(argv if name in LIGHTNING else argv[1:]) or 0)
+        code = int(_load(COMMANDS[name][0])(argv if name in LIGHTNING else argv[1:]) or 0)
+        finished = True
+        return code
     except ArgumentError as err:  # a config with unknown keys or wrong types
         from wspo_lightning.lightning_cli import parser_message
 
@@ -102,18 +105,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"wspo: error: {found}", file=sys.stderr)  # the user's to fix: one line, no traceback
         return 2
     finally:
-        _end_distributed()
+        _end_distributed(finished)
 
 
-def _end_distributed() -> None:
+def _end_distributed(finished: bool) -> None:
     """Destroy the process group a strategy left behind: left to interpreter exit, gloo's threads can be
     torn down while still joinable, and a rank that finished its work aborts ("terminate called without an
-    active exception"), failing a run that succeeded."""
+    active exception"), failing a run that succeeded. A rank that finished waits for the others first (rank 0
+    may still be writing the export): a gloo group torn down while a peer still holds its connections can abort
+    the same way. A rank that failed does not wait (its launcher stops the others)."""
     if "torch" not in sys.modules:  # nothing distributed ran; importing torch would only cost time
         return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if finished and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
