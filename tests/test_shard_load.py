@@ -117,3 +117,16 @@ def test_what_cannot_load_shard_by_shard_says_why_and_loads_whole(qwen_folders, 
             assert load_sharded(spec, never, "cpu") is None
         assert f"{spec.path} loads whole on every rank, then is sharded: " in caplog.text
         assert reason in caplog.text, caplog.text
+
+
+def test_a_model_no_fsdp_unit_manages_loads_whole_with_its_ties(qwen_folders):
+    """Built on the meta device and left unsharded (one process), in bfloat16: every tensor equals from_pretrained's
+    and a tied head is the embeddings (to_empty alone would give it a tensor of its own, never read)."""
+    for folder in qwen_folders:
+        spec = ModelSpec(path=folder, dtype="bfloat16")
+        model, whole = load_sharded(spec, lambda m: m, "cpu"), load_model(spec)
+        assert model.state_dict().keys() == whole.state_dict().keys()
+        for name, tensor in whole.state_dict().items():
+            assert torch.equal(model.state_dict()[name], tensor), name
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert tied == folder.endswith("/tied")

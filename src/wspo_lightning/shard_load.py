@@ -58,6 +58,10 @@ def load_sharded(
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers() if buffer.device.type != "meta"}
     model = shard(model)
     model.to_empty(device=device)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied and head is not None and head.weight is not embeddings.weight:
+        model.tie_weights()  # to_empty of a module FSDP does not manage gives each name its own tensor
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name in buffers:  # computed at construction (rotary frequencies): not in the files
