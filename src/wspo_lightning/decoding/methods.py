@@ -5,6 +5,7 @@ A method from elsewhere is named by its import path, as a reward is; nothing out
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 
 from wspo_lightning.decoding.cbs import chunk_beam_search
@@ -41,6 +42,11 @@ class DecodingMethod:
     def rows_per_prompt(self, config) -> int:
         """Sequences it decodes together per prompt (`generate` fits batch_size // this prompts in a batch)."""
         return 1
+
+    def kl_bound(self, budget: int) -> float | None:
+        """An upper bound on the KL (nats per response) of its responses to the strong model's sampler at `budget`
+        draws per response, where the method has no likelihood to estimate it with; None where it has none."""
+        return None
 
     def decode(self, decoder: Decoder, prompts: Sequence[Prompt]) -> list[Generation]:
         """One `Generation` per prompt, in order, with `decoder`'s models, settings (`decoder.config`) and random
@@ -115,6 +121,10 @@ class BestOfN(DecodingMethod):
 
     def rows_per_prompt(self, config) -> int:
         return config.best_of
+
+    def kl_bound(self, budget: int) -> float:
+        """KL(best-of-n || sampler) <= log n - (n - 1) / n."""
+        return math.log(budget) - (budget - 1) / budget
 
     def decode(self, decoder: Decoder, prompts: Sequence[Prompt]) -> list[Generation]:
         n = decoder.config.best_of

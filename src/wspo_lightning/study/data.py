@@ -71,7 +71,9 @@ def weak_pair(run: StudyRun) -> None:
     distill_samples = run.data / "strong_train.distill.jsonl"
     with run.timer("weak base: distil"):
         if not distill_samples.exists() or run.force:
-            first = [r for r in read_jsonl(run.data / "strong_train.jsonl") if r["sample"] == 0]
+            first = [
+                r for r in read_jsonl(run.data / "strong_train.jsonl") if not r["sample"]
+            ]  # each prompt's first draw
             write_jsonl(distill_samples, first)
         distil_weak_base(d, run.strong, distill_samples, weak_base, run.precision, run.runs / "distill", run.force)
     with run.timer("weak aligned: DPO"):

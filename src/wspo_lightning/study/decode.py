@@ -23,11 +23,6 @@ if TYPE_CHECKING:
     from wspo_lightning.study.seedrun import StudyRun
 
 
-def bon_kl_bound(n: int) -> float:
-    """KL(best-of-n || sampler) <= log n - (n - 1) / n (nats per response)."""
-    return math.log(n) - (n - 1) / n
-
-
 def cbs_shape(n: int) -> tuple[int, int]:
     """CBS's (W, K) for a budget of n strong samples: the most square factorisation, W <= K (2 -> 1x2, 8 -> 2x4)."""
     width = max(w for w in range(1, math.isqrt(n) + 1) if n % w == 0)
@@ -50,21 +45,27 @@ def decode_points(run: StudyRun, prompts: Path) -> dict[Point, Path]:
     folder = run.samples / "test"
     files: dict[Point, Path] = {}
     for point in points(run):
-        if point.method == "bon":
-            files[point] = _best_of(run, prompts, strong, weak, point)
+        if point.method in SELECTIONS:  # a selection among shared draws: no decoding of its own
+            files[point] = SELECTIONS[point.method](run, prompts, strong, weak, point)
             continue
         raw, scored = folder / f"{point.name}.jsonl", folder / f"{point.name}.scored.jsonl"
         with run.timer(f"test samples: {point.name}"):
-            if point.method == "proxy":
-                options = dict(alpha=point.value)
-                decode(strong, weak, prompts, raw, "proxy", s.eval_samples, d.eval_sampling(), run.force, **options)
-            else:
-                width, continuations = cbs_shape(int(point.value))
-                options = dict(beam_width=width, num_continuations=continuations, chunk_length=s.cbs_chunk_length)
-                decode(strong, weak, prompts, raw, "cbs", 1, d.eval_sampling(), run.force, **options)
+            samples, options = SETTINGS[point.method](s, point.value)
+            decode(strong, weak, prompts, raw, point.method, samples, d.eval_sampling(), run.force, **options)
             score(str(raw), str(scored), reward=run.reward, force=run.force)
         files[point] = scored
     return files
+
+
+def _proxy_settings(s, alpha: float) -> tuple[int, dict]:
+    """Proxy sampling at `alpha`: the evaluation's samples per prompt."""
+    return s.eval_samples, dict(alpha=alpha)
+
+
+def _cbs_settings(s, budget: float) -> tuple[int, dict]:
+    """CBS at `budget` strong samples per response (W x K): one response per prompt."""
+    width, continuations = cbs_shape(int(budget))
+    return 1, dict(beam_width=width, num_continuations=continuations, chunk_length=s.cbs_chunk_length)
 
 
 def _best_of(run: StudyRun, prompts: Path, strong: ModelSpec, weak: tuple, point: Point) -> Path:
@@ -86,3 +87,11 @@ def _best_of(run: StudyRun, prompts: Path, strong: ModelSpec, weak: tuple, point
     kept = [max(group[:n], key=lambda r: r["score"]) for group in by_prompt.values()]
     write_jsonl(out, [{**r, "logp": None, "settings": {**r["settings"], "method": "bon", "best_of": n}} for r in kept])
     return out
+
+
+SELECTIONS = {"bon": _best_of}
+"""Decoding points chosen among the shared draws, by method name."""
+SETTINGS = {"proxy": _proxy_settings, "cbs": _cbs_settings}
+"""Decoding points run through `wspo generate`'s path: (samples per prompt, the method's options) at a point's value."""
+EQUAL_BUDGET = {"cbs": "bon"}
+"""A method without a likelihood (so no KL) -> the one it is compared with at the same number of strong samples."""

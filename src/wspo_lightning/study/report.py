@@ -15,6 +15,7 @@ import numpy as np
 from wspo_lightning.demo.spread import spread_table
 from wspo_lightning.pipeline.evaluate import bootstrap_ci
 from wspo_lightning.pipeline.stage import say, write_json
+from wspo_lightning.study.decode import EQUAL_BUDGET
 from wspo_lightning.study.frontier import matched_kl, plot_frontier, point_summary
 from wspo_lightning.study.points import LABELS, Point
 from wspo_lightning.verdicts import verdict
@@ -139,13 +140,14 @@ def budget_verdicts(frontier_points: list[dict]) -> list[str]:
     """CBS against best-of-N at each equal budget N, paired by prompt on the test split."""
     test = {(p["method"], p["value"]): np.asarray(p["reward"]) for p in frontier_points if p["split"] == "test"}
     out = []
-    for (method, n), cbs in sorted(test.items()):
-        bon = test.get(("bon", n))
-        if method != "cbs" or bon is None:
+    for (method, n), rewards in sorted(test.items()):
+        other = EQUAL_BUDGET.get(method)
+        if (other, n) not in test:
             continue
-        diffs = cbs - bon  # [prompts]
+        diffs = rewards - test[(other, n)]  # [prompts]
         ci = bootstrap_ci([np.array([d]) for d in diffs])
-        out.append("- " + verdict(float(diffs.mean()), ci, what=f"CBS at N={n:g}", against=f"best-of-{n:g}"))
+        what, against = f"{LABELS[method]} at N={n:g}", f"{LABELS[other]} at N={n:g}"
+        out.append("- " + verdict(float(diffs.mean()), ci, what=what, against=against))
     return out
 
 

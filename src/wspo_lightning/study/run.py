@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from wspo_lightning.decoding.methods import METHODS
 from wspo_lightning.demo.run import VADER, open_run, resolve_precision
 from wspo_lightning.demo.strong import strong_model_dir
 from wspo_lightning.models import ModelSpec
@@ -153,7 +154,8 @@ def write_reports(run: StudyRun) -> list[dict]:
     s = run.s
     results, frontier_points = [], []
     for (point, split), row in run.rows.items():
-        bound = decode.bon_kl_bound(int(point.value)) if point.method == "bon" else None
+        method = METHODS.get(point.method)  # a decoding point's KL bound, where its method has one
+        bound = method.kl_bound(int(point.value)) if method is not None else None
         result, frontier_point = report.point_record(point, split, s.seed, row, s.n_boot, bound)
         results.append(result)
         frontier_points.append(frontier_point)
