@@ -119,10 +119,34 @@ def _end_distributed(finished: bool) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if finished and dist.get_world_size() > 1:
-            dist.barrier()
+        if dist.get_world_size() > 1:
+            _ended_group.append(True)
+            if finished:
+                dist.barrier()
         dist.destroy_process_group()
 
 
+_ended_group: list[bool] = []  # a process group of several ranks was torn down in this process
+
+
+def entry() -> None:
+    """The `wspo` console script and `python -m wspo_lightning.cli`: `main`, then the process's exit.
+
+    After a run over several processes, the process leaves through `os._exit` once Python's exit handlers have
+    run (W&B's, logging's, temporary folders'): C++ threads that torch's distributed backends leave to static
+    destruction can abort a rank whose work succeeded ("terminate called without an active exception"), and the
+    launcher then fails the whole run."""
+    code = main()
+    if _ended_group:
+        import atexit
+        import os
+
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
