@@ -276,3 +276,25 @@ def generate_yaml(world: Path, path: Path, **settings) -> Path:
     }
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def wandb_run_records(run_dir: Path) -> bytes:
+    """The protobuf records of an offline W&B run (`run-*.wandb`), joined.
+
+    The file is a LevelDB-style log: a 7-byte header, then 32 KiB blocks of chunks (4-byte checksum, 2-byte
+    little-endian length, 1-byte type: 1 a whole record, 2/3/4 its first/middle/last part; a block's tail
+    shorter than a chunk header is zero padding). A record that crosses a block boundary is split by a chunk
+    header, so searching the raw file for a key misses it whenever it straddles one; these bytes do not."""
+    data, pos, block, records, part = next(Path(run_dir).glob("run-*.wandb")).read_bytes(), 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7 or data[pos + 6] == 0:  # padding to the block's end
+            pos += left
+            continue
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        part += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            records.append(part)
+            part = b""
+    return b"\n".join(records)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ROOT, fit, metrics, tiny_config
+from helpers import ROOT, fit, metrics, tiny_config, wandb_run_records
 
 from wspo_lightning import losses
 from wspo_lightning.callbacks import GammaSchedule
@@ -164,8 +164,8 @@ def test_wandb_offline_run_holds_metrics_reward_histograms_and_sample_table(tiny
     wandb.finish()
     runs = list((tmp_path / "wandb_runs" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    # The run log is protobuf records; keys and JSON values are stored as plain UTF-8 bytes.
-    record_log = next(runs[0].glob("run-*.wandb")).read_bytes()
+    # The run log is protobuf records; keys and JSON values are stored in them as plain UTF-8 bytes.
+    record_log = wandb_run_records(runs[0])
     for key in (
         b"val/rewards/strong_margin",
         b"train/wspo/delta_weak",

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, LetterReward, fit, tiny_config
+from helpers import ROOT, LetterReward, fit, tiny_config, wandb_run_records
 
 from wspo_lightning.callbacks import SampleTable
 from wspo_lightning.cli import main as wspo
@@ -57,8 +57,8 @@ def test_wandb_config_adds_wandb_beside_the_csv_logger(wandb_fit):
 
 def test_run_config_holds_model_and_data_settings(wandb_fit, tiny_world):
     cli, run = wandb_fit
-    # The run log is protobuf records; config keys and their JSON values are stored as plain UTF-8 bytes.
-    record_log = next(run.glob("run-*.wandb")).read_bytes()
+    # The run log is protobuf records; config keys and their JSON values are stored in them as plain UTF-8 bytes.
+    record_log = wandb_run_records(run)
     for key, value in (
         ("train_path", str(tiny_world / "train.jsonl")),  # the data module's settings
         ("val_path", str(tiny_world / "val.jsonl")),
@@ -117,7 +117,7 @@ def test_wspo_evaluate_logs_its_table_and_reward_vs_kl_plot(tiny_world, tmp_path
         assert row[1] == pytest.approx(result["gold_reward_mean"]) and row[4] == pytest.approx(result["kl"])
         mean = sum(r["reward"] for r in read_jsonl(tmp_path / f"{row[0]}.scored.jsonl")) / 6
         assert row[1] == pytest.approx(mean)
-    record_log = next(run.glob("run-*.wandb")).read_bytes()
+    record_log = wandb_run_records(run)
     assert PLOT_KEY.encode() in record_log and TABLE_KEY.encode() in record_log
 
 
