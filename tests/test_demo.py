@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,8 @@ from helpers import LetterReward
 
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.demo import command
-from wspo_lightning.demo.prompts import split_prompts
-from wspo_lightning.demo.settings import PRESETS, DemoSettings
+from wspo_lightning.demo.prompts import split_by_title, title
+from wspo_lightning.demo.settings import CHOSEN_FILE, PRESETS, DemoSettings
 from wspo_lightning.io import read_jsonl
 from wspo_lightning.pipeline.stage import RUNS
 from wspo_lightning.tiny import build_tokenizer, write_tiny_model
@@ -69,6 +70,9 @@ TINY = DemoSettings(
     weak_dpo_epochs=1,
     strong_epochs=1,
     gammas=[1.0, 2.0],
+    strong_learning_rates={"wspo": 3e-5, "dpo": 2e-5, "sft": 4e-5},
+    strong_dpo_beta=0.2,
+    sft_epochs=0.5,
     batch_size=4,
     proxy_row=True,
     wspo_cbs=True,
@@ -97,8 +101,8 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
         "data/prompts_heldout.jsonl",
         "data/pairs.jsonl",
         "data/wspo_frozen_cache/manifest.json",
-        "samples/strong_train.jsonl",
-        "samples/weak_train.scored.jsonl",
+        "samples/strong_train.scored.jsonl",
+        "samples/strong_train.distill.jsonl",
         "models/weak_base/config.json",
         "models/weak_aligned/model.safetensors",
         "models/wspo_gamma1/model.safetensors",
@@ -129,11 +133,14 @@ def test_demo_writes_every_stage_output_and_the_report(demo_run, capsys):
     # the sign control's weak pair is the same one, swapped
     control = (out / "configs/wspo_gamma1_sign_control.yaml").read_text()
     assert control.index(str(out / "models/weak_aligned")) < control.index(str(out / "models/weak_base"))
-    # one rule for every strong fit: the same learning rate, epochs and frozen embeddings
-    for run in ("wspo_gamma1", "dpo", "sft"):
-        resolved = (out / "configs" / f"{run}.as_given.yaml").read_text()
-        config = yaml.safe_load(resolved)["model"]["init_args"]
-        assert config["learning_rate"] == TINY.strong_learning_rate and config["freeze_embeddings"] is True
+    # one rule for every strong fit (epochs, schedule, frozen embeddings), each method at its own rate and strength
+    for run, method in (("wspo_gamma1", "wspo"), ("wspo_gamma1_sign_control", "wspo"), ("dpo", "dpo"), ("sft", "sft")):
+        config = yaml.safe_load((out / "configs" / f"{run}.as_given.yaml").read_text())
+        model = config["model"]["init_args"]
+        assert model["learning_rate"] == TINY.strong_learning_rates[method] and model["freeze_embeddings"] is True
+        assert model["warmup_ratio"] == 0.1 and config["trainer"]["max_epochs"] == TINY.strong_epochs
+        assert config["trainer"].get("limit_train_batches") == (TINY.sft_epochs if method == "sft" else None)
+    assert yaml.safe_load((out / "configs" / "dpo.as_given.yaml").read_text())["model"]["init_args"]["beta"] == 0.2
     assert "freeze_embeddings: false" in (out / "configs" / "weak_dpo.as_given.yaml").read_text()
     assert json.loads((out / "models/weak_base/config.json").read_text())["num_hidden_layers"] == 1
 
@@ -225,13 +232,58 @@ def test_a_demo_killed_mid_stage_and_rerun_ends_as_an_uninterrupted_run(demo_run
     assert command.run_demo(str(out), strong=str(strong), reward=LetterReward(), settings=TINY) == uninterrupted
 
 
-def test_training_tuning_and_heldout_prompts_are_disjoint():
-    train, tuning, held_out = split_prompts(256, 40, 60)
-    assert (len(train), len(tuning), len(held_out)) == (256, 40, 60)
-    assert len({r["prompt"] for r in train + tuning + held_out}) == 356
-    # more or fewer training prompts leave the held-out and tuning sets as they are
-    _, tuning_2, held_out_2 = split_prompts(100, 40, 60)
-    assert (tuning_2, held_out_2) == (tuning, held_out)
+def test_the_pairs_are_the_strong_bases_own_samples_and_the_held_out_prompts_the_studys_test_set(demo_run):
+    out, _, _ = demo_run
+    drawn = read_jsonl(out / "samples" / "strong_train.scored.jsonl")
+    by_prompt: dict[str, list[dict]] = {}
+    for record in drawn:
+        by_prompt.setdefault(record["prompt"], []).append(record)
+    assert {len(v) for v in by_prompt.values()} == {TINY.preference_samples}
+    pairs = read_jsonl(out / "data" / "pairs.jsonl")
+    assert pairs
+    for pair in pairs:  # best vs worst of the prompt's draws by the gold reward
+        rewards = {r["response"]: r["reward"] for r in by_prompt[pair["prompt"]]}
+        assert rewards[pair["chosen"]] == max(rewards.values()) > min(rewards.values()) == rewards[pair["rejected"]]
+    # the weak base learned from each prompt's first draw, of the first distill_prompts prompts
+    first = [(r["prompt"], r["response"]) for r in drawn if r["sample"] == 0][: TINY.distill_prompts]
+    distilled = [(r["prompt"], r["response"]) for r in read_jsonl(out / "samples" / "strong_train.distill.jsonl")]
+    assert distilled == first and len(first) == TINY.distill_prompts
+    # the held-out prompts are the study's test prompts: no title of them is trained on
+    _, _, test = split_by_title(TINY.n_train_prompts, TINY.n_tuning_prompts, TINY.n_eval_prompts)
+    held_out = read_jsonl(out / "data" / "prompts_heldout.jsonl")
+    assert held_out == test
+    trained_titles = {title(r["prompt"]) for r in read_jsonl(out / "data" / "prompts_train.jsonl")}
+    assert not trained_titles & {title(r["prompt"]) for r in held_out}
+
+
+def test_the_demos_strong_fits_default_to_what_the_studys_rules_pick_from_its_tuning_summaries():
+    record = json.loads(CHOSEN_FILE.read_text())
+
+    def best(candidates: list[dict], cap: float) -> dict:  # the rule, written out again
+        within = [c for c in candidates if c["kl"] is not None and c["kl"] <= cap]
+        if within:
+            return sorted(within, key=lambda c: c["gold_reward_mean"], reverse=True)[0]
+        return sorted(candidates, key=lambda c: float("inf") if c["kl"] is None else c["kl"])[0]
+
+    lr = {m: best(record["learning_rate_candidates"][m], record["lr_kl_cap"])["value"] for m in ("wspo", "dpo", "sft")}
+    value = {m: best(record["sweep_candidates"][m], record["demo_kl_cap"])["value"] for m in ("wspo", "dpo", "sft")}
+    s = DemoSettings()
+    assert s.strong_learning_rates == lr
+    assert (s.gammas[0], s.strong_dpo_beta, s.sft_epochs) == (value["wspo"], value["dpo"], value["sft"])
+    assert s.chosen_by == record["chosen_by"] and s.data_design == "fluent"
+
+
+def test_the_former_design_pairs_the_weak_bases_own_samples(tmp_path):
+    strong = tiny_strong(tmp_path)
+    settings = replace(TINY, data_design="weak_samples", baselines=False, decoding_rows=False, gammas=[1.0])
+    results = command.run_demo(str(tmp_path / "out"), strong=str(strong), reward=LetterReward(), settings=settings)
+    assert [r["name"] for r in results] == ROWS[:4]
+    samples = tmp_path / "out" / "samples"
+    weak = {(r["prompt"], r["response"]) for r in read_jsonl(samples / "weak_train.scored.jsonl")}
+    pairs = read_jsonl(tmp_path / "out" / "data" / "pairs.jsonl")
+    assert pairs and all({(p["prompt"], p["chosen"]), (p["prompt"], p["rejected"])} <= weak for p in pairs)
+    # the strong model answered once per distilled prompt
+    assert len(read_jsonl(samples / "strong_train.jsonl")) == TINY.distill_prompts
 
 
 def test_wspo_demo_command_passes_preset_and_overrides(monkeypatch, tmp_path):

@@ -122,6 +122,16 @@ def test_every_training_method_has_the_same_number_of_points_at_least_four(study
             assert r["learning_rate"] == chosen[r["method"]]
 
 
+def test_the_demos_settings_record_gives_back_what_the_study_chose(study_run):
+    protocol_dir = study_run[0] / "seed0/protocol"
+    record = json.loads((protocol_dir / "demo_settings.json").read_text())
+    chosen, chosen_by = protocol.demo_defaults(record)
+    lr = json.loads((protocol_dir / "learning_rate.json").read_text())["chosen"]
+    points = json.loads((protocol_dir / "demo.json").read_text())["chosen"]
+    assert chosen == {m: {"value": points[m]["value"], "lr": lr[m]} for m in protocol.DEMO_METHODS}
+    assert "seed 0" in chosen_by and "tuning prompts" in chosen_by
+
+
 def test_no_title_or_premise_appears_in_two_prompt_sets(study_run):
     out = study_run[0]
     sets = {s: read_jsonl(out / "data" / f"prompts_{s}.jsonl") for s in ("train", "tuning", "test")}

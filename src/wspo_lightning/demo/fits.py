@@ -83,6 +83,10 @@ def weak_dpo_config(
     )
 
 
+OBJECTIVE_KEYS = {"WSPOModule": "wspo", "DPOModule": "dpo", "SFTModule": "sft"}
+"""A strong fit's objective -> its key in `DemoSettings.strong_learning_rates`."""
+
+
 def strong_config(
     s: DemoSettings,
     precision: str,
@@ -94,14 +98,29 @@ def strong_config(
     name: str,
     **model_args,
 ) -> dict:
-    """A strong fit under the one rule of every strong fit: `strong_learning_rate`, `strong_epochs`,
-    `strong_batch_size`, embeddings frozen. WSPO trains on the chosen responses; DPO on both; SFT on the chosen."""
-    model = {"policy": spec(strong), "learning_rate": s.strong_learning_rate, "freeze_embeddings": True, **model_args}
+    """A strong fit under the one rule of every strong fit: `strong_epochs` (SFT: `sft_epochs` times it),
+    `strong_batch_size`, warm-up then cosine decay, embeddings frozen, at its method's learning rate
+    (`strong_learning_rates`). WSPO trains on the chosen responses; DPO on both (beta `strong_dpo_beta`); SFT on the
+    chosen."""
+    lr = s.strong_learning_rates[OBJECTIVE_KEYS[objective]]
+    model = {"policy": spec(strong), "learning_rate": lr, "freeze_embeddings": True, **model_args}
     if objective == "DPOModule":
-        model["beta"] = s.dpo_beta
-    return fit_config(
+        model["beta"] = s.strong_dpo_beta
+    config = fit_config(
         s, precision, objective, model, pairs, run_dir, wandb_dir, name, s.strong_epochs, s.strong_batch_size
     )
+    if objective == "SFTModule":
+        set_length(config["trainer"], s.sft_epochs * s.strong_epochs)
+    return config
+
+
+def set_length(trainer: dict, epochs: float) -> None:
+    """A fit of `epochs` passes over the data: below 1, that share of one epoch's batches (the learning-rate schedule
+    spans the steps taken); above, a whole number of epochs."""
+    trainer["max_epochs"] = max(int(epochs), 1)
+    trainer.pop("limit_train_batches", None)
+    if epochs < 1:
+        trainer["limit_train_batches"] = epochs
 
 
 def wspo_args(weak_base: Path, weak_aligned: Path, gamma: float, cache_dir: Path | None) -> dict:

@@ -93,6 +93,37 @@ def _amplification(r: dict, diff: float, ci: list[float], kept: bool, base: dict
     return "- " + verdict(diff, ci, f"**{r['name']}**", "the weak aligned model", f"{bounds}: {meaning}")
 
 
+def baselines_note(settings: dict) -> str:
+    """How the strong fits were set: one schedule for all, each method's learning rate and strength, and where they
+    were chosen."""
+    lr, gamma = settings["strong_learning_rates"], settings["gammas"][0]
+    return (
+        "Every strong fit follows one rule: the same pairs, 10% warm-up then cosine decay, "
+        f"{settings['strong_epochs']} epoch(s) at batch size {settings['strong_batch_size']}, embeddings frozen; "
+        f"each method at its own learning rate and strength: WSPO gamma {gamma:g} (lr {lr['wspo']:g}), DPO beta "
+        f"{settings['strong_dpo_beta']:g} (lr {lr['dpo']:g}), SFT {settings['sft_epochs']:g} x the epochs "
+        f"(lr {lr['sft']:g}). Chosen by: {settings['chosen_by']}. WSPO and SFT train on the chosen responses, DPO on "
+        "both; SFT asks whether WSPO's gain is more than fine-tuning on positive text. The sign control is WSPO at "
+        f"gamma {gamma:g} with the weak pair swapped (delta_weak changes sign, the training text stays)."
+    )
+
+
+def pairs_note(settings: dict) -> str:
+    """Where the preference pairs come from, and what the weak aligned model learned on."""
+    n, k = settings["preference_samples"], settings["train_top_k"]
+    if settings["data_design"] == "fluent":
+        source = (
+            f"the strong base's own samples ({n} per training prompt, top-k {k}): no trained model wrote their text"
+        )
+    else:
+        source = f"the weak base's own samples ({n} per training prompt, top-k {k}; the former design)"
+    return (
+        f"The preference pairs are {source}, best vs worst by the gold reward (ties dropped). The weak aligned model "
+        "is the weak base after this framework's DPO of all its parameters on them, and every strong fit trains on "
+        "them."
+    )
+
+
 def verdicts(results: list[dict], rows: list[EvalRow], max_kl: float = 5.0) -> list[str]:
     """Plain sentences, reported either way, every above / below from an interval (`wspo_lightning.verdicts`):
     each strong row against its baseline; which WSPO rows stay within `max_kl` nats (none is picked as best:
@@ -272,12 +303,7 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], pre
             "",
             "## Baselines",
             "",
-            "Every strong fit follows one rule: the same pairs, learning rate "
-            f"{settings['strong_learning_rate']:g} with 10% warm-up then cosine decay, {settings['strong_epochs']} "
-            f"epoch(s) at batch size {settings.get('strong_batch_size', settings['batch_size'])}, embeddings "
-            "frozen. WSPO and SFT train on the chosen responses, DPO on both; SFT asks whether WSPO's gain is "
-            "more than fine-tuning on positive text. The sign control is WSPO at gamma 1 with the weak "
-            "pair swapped (delta_weak changes sign, the training text stays).",
+            baselines_note(settings),
             "",
             "## Plots",
             "",
@@ -290,9 +316,7 @@ def write_report(root: Path, rows: list[EvalRow], timings: dict[str, float], pre
             "## The weak pair",
             "",
             WEAK_MODEL_NOTE.format(layers=settings["weak_layers"]),
-            "The weak aligned model is the weak base after this framework's DPO of all its parameters on pairs of its "
-            f"own samples (best vs worst of {settings['weak_samples']} per training prompt by the gold reward; ties "
-            f"dropped). The samples the weak pair is made from are drawn with top-k {settings['train_top_k']}.",
+            pairs_note(settings),
             "",
             "## Test-time decoding rows",
             "",

@@ -1,8 +1,9 @@
 """The demo's run: the controlled-sentiment experiment, end to end, as a chain of pipeline stages.
 
     strong model (SmolLM2-135M-Instruct, converted once to safetensors)
-      -> sample on train prompts -> distil 4 of its 30 layers      = weak base
-      -> weak samples -> gold reward (VADER) -> pairs -> DPO          = weak aligned
+      -> its samples on train prompts -> gold reward (VADER) -> pairs  = the preference data (fluent text)
+      -> distil 4 of its 30 layers on its first draw per prompt      = weak base
+      -> DPO on the pairs                                             = weak aligned
       -> frozen roles' log-probs cached once -> WSPO of the strong model per gamma (policy only);
          baselines on the same pairs: DPO, SFT, and WSPO with the weak pair swapped (the sign control)
       -> test-time decoding with the same weak pair: proxy sampling; with the search's own sampler the
@@ -26,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from wspo_lightning.demo.fits import gamma_slug, strong_config, weak_dpo_config, wspo_args
-from wspo_lightning.demo.prompts import split_prompts
+from wspo_lightning.demo.prompts import split_by_title
 from wspo_lightning.demo.rows import STRONG_BASE, Rows
 from wspo_lightning.demo.settings import PRESETS, DemoSettings
 from wspo_lightning.demo.strong import strong_model_dir
 from wspo_lightning.hardware import Precision, choose_precision
-from wspo_lightning.io import write_jsonl
+from wspo_lightning.io import read_jsonl, write_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.distill import distill
 from wspo_lightning.pipeline.evaluate import evaluate
@@ -87,7 +88,9 @@ def start(out: str, s: DemoSettings, force: bool, cache_dir: str | None, strong:
     with timer("strong model"):
         strong_dir = Path(strong) if strong else strong_model_dir(cache_dir)
     run = DemoRun(s, root, p, timer, strong_dir, reward, force)
-    train, tuning, held_out = split_prompts(s.n_train_prompts, s.n_tuning_prompts, s.n_eval_prompts, seed=s.prompt_seed)
+    train, tuning, held_out = split_by_title(
+        s.n_train_prompts, s.n_tuning_prompts, s.n_eval_prompts, seed=s.prompt_seed
+    )
     write_jsonl(run.train_prompts, train)
     write_jsonl(run.eval_prompts, held_out if s.eval_on == "heldout" else tuning)
     return run
@@ -142,26 +145,57 @@ def preference_pairs(
     return pairs(str(scored), str(out), force=force)
 
 
+def first_draws(samples: Path, out: Path, limit: int, force: bool) -> Path:
+    """`out`: each prompt's first draw among `samples` (`wspo sample` output), for the first `limit` prompts: the
+    weak base's distillation data when the strong base's samples also make the pairs."""
+    if not out.exists() or force:
+        write_jsonl(out, [r for r in read_jsonl(samples) if r["sample"] == 0][:limit])  # samples are in prompt order
+    return out
+
+
 def make_weak_pair(run: DemoRun) -> None:
-    """1-2. The weak pair, each with its row, then the strong base's row: the weak base is 4 of the strong model's
-    layers distilled on its own samples; the weak aligned model is its DPO on pairs of its samples labelled by
-    the gold reward."""
+    """1-2. The preference pairs and the weak pair, each model with its row, then the strong base's row. The weak
+    base is 4 of the strong model's layers distilled on its answers; the weak aligned model is its DPO on the pairs.
+    The pairs (`data_design`): the strong base's own samples, best vs worst by the gold reward (fluent, its first
+    draw per prompt also teaches the weak base), or the weak base's own samples (the former design)."""
     s, weak_base, weak_aligned = run.s, *run.weak_pair
-    training = dict(
-        max_new_tokens=s.max_new_tokens, batch_size=s.sample_batch_size, top_k=s.train_top_k, force=run.force
-    )
-    strong_samples, weak_samples = run.samples / "strong_train.jsonl", run.samples / "weak_train.jsonl"
-    with run.timer("weak base: strong samples"):
-        spec = run.rows.spec(run.strong)
-        sample(spec, str(run.train_prompts), str(strong_samples), seed=s.seed, limit=s.distill_prompts, **training)
-    with run.timer("weak base: distil"):
-        distil_weak_base(s, run.strong, strong_samples, weak_base, run.precision, run.runs / "distill", run.force)
-    run.rows.sampled("weak base", weak_base, kl=False)
-    with run.timer("weak aligned: samples, reward, pairs"):
-        spec, sampling = run.rows.spec(weak_base), s.train_sampling(1)
-        preference_pairs(
-            spec, run.train_prompts, weak_samples, run.pairs, s.weak_samples, sampling, run.reward, run.force
+    strong_samples = run.samples / "strong_train.jsonl"
+    if s.data_design == "fluent":
+        with run.timer("pairs: strong samples, reward"):
+            spec, sampling = run.rows.spec(run.strong), s.train_sampling(0)
+            preference_pairs(
+                spec,
+                run.train_prompts,
+                strong_samples,
+                run.pairs,
+                s.preference_samples,
+                sampling,
+                run.reward,
+                run.force,
+            )
+        distill_data = first_draws(
+            strong_samples, run.samples / "strong_train.distill.jsonl", s.distill_prompts, run.force
         )
+    else:
+        with run.timer("weak base: strong samples"):
+            spec, sampling = run.rows.spec(run.strong), vars(s.train_sampling(0))
+            sample(
+                spec, str(run.train_prompts), str(strong_samples), limit=s.distill_prompts, force=run.force, **sampling
+            )
+        distill_data = strong_samples
+    with run.timer("weak base: distil"):
+        distil_weak_base(s, run.strong, distill_data, weak_base, run.precision, run.runs / "distill", run.force)
+    run.rows.sampled("weak base", weak_base, kl=False)
+    if s.data_design == "weak_samples":
+        with run.timer("pairs: weak samples, reward"):
+            spec, sampling, weak_samples = (
+                run.rows.spec(weak_base),
+                s.train_sampling(1),
+                run.samples / "weak_train.jsonl",
+            )
+            preference_pairs(
+                spec, run.train_prompts, weak_samples, run.pairs, s.preference_samples, sampling, run.reward, run.force
+            )
     with run.timer("weak aligned: DPO"):
         config = weak_dpo_config(
             s, run.precision.trainer_precision, weak_base, run.pairs, run.runs / "weak_dpo", run.root
@@ -173,16 +207,17 @@ def make_weak_pair(run: DemoRun) -> None:
 
 def train_strong(run: DemoRun) -> None:
     """3. The strong model trained on the pairs, each fit with its row: WSPO per gamma on the chosen responses;
-    with `baselines`, the sign control (WSPO at gamma 1 with the weak pair swapped, so delta_weak changes sign
-    while the training text stays), DPO and SFT."""
+    with `baselines`, the sign control (WSPO at the first gamma with the weak pair swapped, so delta_weak changes
+    sign while the training text stays), DPO and SFT."""
     for gamma in run.s.gammas:
         name = f"wspo_gamma{gamma_slug(gamma)}"
         _wspo(run, gamma, name, run.weak_pair)
         run.rows.sampled(f"strong + WSPO (gamma={gamma:g})", run.models / name)
     if run.s.baselines:
-        control = "wspo_gamma1_sign_control"
-        _wspo(run, 1.0, control, run.weak_pair[::-1])
-        run.rows.sampled("strong + WSPO (gamma=1, sign control: weak pair swapped)", run.models / control)
+        gamma = run.s.gammas[0]
+        control = f"wspo_gamma{gamma_slug(gamma)}_sign_control"
+        _wspo(run, gamma, control, run.weak_pair[::-1])
+        run.rows.sampled(f"strong + WSPO (gamma={gamma:g}, sign control: weak pair swapped)", run.models / control)
         _strong_fit(run, "DPOModule", "dpo")
         run.rows.sampled("strong + DPO", run.models / "dpo")
         _strong_fit(run, "SFTModule", "sft")

@@ -1,15 +1,25 @@
 """Sizes and hyper-parameters of the demo: the full run and the `--quick` preset.
 
-The values were chosen on the tuning prompts (`eval_on: tuning`), never on the held-out prompts of the
-results table; the gammas are fixed here before a run.
+The data design and the strong fits' settings are the study's (`wspo study`): its fluent preference dataset, and
+per method the learning rate and strength its rules chose on the tuning prompts (`CHOSEN_BY`); never the held-out
+prompts of the results table, which are the study's test prompts.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from wspo_lightning.decoding.args import SamplingArgs
+from wspo_lightning.errors import InputError
+from wspo_lightning.study.protocol import demo_defaults
+
+CHOSEN_FILE = Path(__file__).with_name("chosen.json")
+"""The study's tuning summaries the strong fits' defaults are chosen from (`wspo study` writes this file as
+`study_out/seed<N>/protocol/demo_settings.json`)."""
+CHOSEN, CHOSEN_BY = demo_defaults(json.loads(CHOSEN_FILE.read_text()))
 
 
 @dataclass
@@ -17,11 +27,12 @@ class DemoSettings:
     """Everything the demo pipeline needs beyond paths."""
 
     n_train_prompts: int = 144
-    """Training prompts: the weak model's samples on them give the preference pairs."""
+    """Training prompts: the samples on them give the preference pairs."""
     n_eval_prompts: int = 40
-    """Held-out prompts for the results table."""
+    """Held-out prompts for the results table (the study's test prompts: no movie title or premise of them is in
+    another set)."""
     n_tuning_prompts: int = 40
-    """Tuning prompts, disjoint from both: settings are chosen on them (`eval_on: tuning`)."""
+    """Tuning prompts, disjoint in titles and premises from both: settings are chosen on them (`eval_on: tuning`)."""
     eval_on: Literal["heldout", "tuning"] = "heldout"
     """Which prompts the rows are evaluated on: the held-out ones (the results), or the tuning ones."""
     eval_samples: int = 2
@@ -30,12 +41,18 @@ class DemoSettings:
     """Response length cap (tokens), for every sampling stage."""
     sample_batch_size: int = 64
     """Sequences generated together."""
+    data_design: Literal["fluent", "weak_samples"] = "fluent"
+    """Where the preference pairs come from. fluent (the study's design): the strong base's own samples, best vs
+    worst by the gold reward; no trained model wrote any of their text. The weak base is distilled on each
+    prompt's first draw, the weak aligned model is its DPO on the pairs, and every strong fit trains on them.
+    weak_samples (the former design): the strong model answers once per prompt to teach the weak base, and the
+    pairs are the weak base's own samples."""
     train_top_k: int = 50
-    """top_k of the samples the weak pair is made from (strong samples to distil, weak samples to pair):
+    """top_k of the samples the training data is made of (strong samples to distil and pair, weak samples to pair):
     with all tokens (top_k 0) a 4-layer model writes word salad, and pairs get labelled on noise. Rows of the
     results table are sampled untempered (top_k 0, temperature 1), so their KL estimates are unbiased."""
     distill_prompts: int = 144
-    """Training prompts the strong model answers (once each) to teach the weak model."""
+    """Training prompts whose strong answer (one each) teaches the weak model."""
     weak_layers: int | list[int] = field(default_factory=lambda: [0, 1, 2, 29])
     """Decoder layers the weak model keeps: the first N, or indices (SmolLM2-135M has 30). Keeping the
     last layer beside the first ones halves the distillation loss reached in the same steps."""
@@ -43,28 +60,35 @@ class DemoSettings:
     """Passes over the strong samples."""
     distill_learning_rate: float = 1e-3
     """Peak learning rate of the distillation."""
-    weak_samples: int = 4
-    """Weak-model samples per training prompt; best vs worst by gold reward makes a pair."""
+    preference_samples: int = 4
+    """Samples per training prompt (the strong base's, or with `data_design: weak_samples` the weak base's); best vs
+    worst by the gold reward makes a pair."""
     weak_dpo_epochs: int = 2
     """DPO epochs of the weak model (all its parameters, tied embeddings and output layer included)."""
     weak_dpo_learning_rate: float = 5e-5
-    """DPO learning rate of the weak model: on the tuning prompts the weak aligned model's gold reward was
-    0.51 at 2e-5 and 0.79-0.86 at 5e-5, and WSPO at gamma 1 lifted more with it (README, "How the settings
-    were chosen")."""
+    """DPO learning rate of the weak model (the study's)."""
     dpo_beta: float = 0.1
-    """DPO beta (the weak model and the strong DPO baseline)."""
-    gammas: list[float] = field(default_factory=lambda: [1.0])
-    """WSPO alignment strengths, one strong model each. Gamma 1 pairs with the sign control; `[1, 2]` adds
-    gamma 2 (about 1.5 more minutes; it lifts more but at ~8 nats of KL on the tuning prompts, see the
-    README)."""
+    """DPO beta of the weak model."""
+    gammas: list[float] = field(default_factory=lambda: [CHOSEN["wspo"]["value"]])
+    """WSPO alignment strengths, one strong model each; the first pairs with the sign control. Default: the
+    study's choice (`CHOSEN_BY`)."""
+    strong_dpo_beta: float = CHOSEN["dpo"]["value"]
+    """Beta of the strong DPO baseline. Default: the study's choice."""
+    sft_epochs: float = CHOSEN["sft"]["value"]
+    """Length of the SFT baseline in multiples of `strong_epochs` (below 1: that share of one epoch's batches).
+    Default: the study's choice."""
+    strong_learning_rates: dict[str, float] = field(
+        default_factory=lambda: {method: CHOSEN[method]["lr"] for method in ("wspo", "dpo", "sft")}
+    )
+    """Peak learning rate of each strong fit (`wspo`, the sign control too; `dpo`; `sft`), each under one schedule
+    (warm-up 10%, then cosine decay, embeddings frozen). Default: the study's choices."""
+    chosen_by: str = CHOSEN_BY
+    """Where the defaults of the strong fits come from (written with the settings, for the record)."""
     strong_epochs: int = 1
     """Epochs of every strong fit (WSPO, the sign control, DPO, SFT), on the same pairs."""
     strong_batch_size: int = 4
     """Batch size of every strong fit: at 4, one epoch of ~130 pairs is ~33 optimizer steps for the cost of
     ~16 at batch 8 (the 135M forward and backward is most of the demo's time)."""
-    strong_learning_rate: float = 3e-5
-    """Peak learning rate of every strong fit: one rule for WSPO and its baselines (warm-up 10%, then cosine
-    decay, embeddings frozen), so no baseline is handicapped by a smaller step."""
     batch_size: int = 8
     """Training batch size of the weak model's fits (distillation, DPO)."""
     val_fraction: float = 0.08
@@ -105,6 +129,11 @@ class DemoSettings:
     prompts, never on the tuning ones."""
 
     def __post_init__(self) -> None:
+        missing = {"wspo", "dpo", "sft"} - set(self.strong_learning_rates)
+        if missing:
+            raise InputError(f"demo: strong_learning_rates needs a rate for {sorted(missing)}")
+        if not self.gammas or self.sft_epochs <= 0 or (self.sft_epochs > 1 and self.sft_epochs != int(self.sft_epochs)):
+            raise InputError("demo: give at least one gamma, and sft_epochs > 0 (a whole number above 1)")
         for sampler in (self.train_sampling, self.eval_sampling, self.search_sampling):
             sampler()  # a bad sampling value fails here, before any stage runs
 
@@ -112,8 +141,8 @@ class DemoSettings:
         return SamplingArgs(max_new_tokens=self.max_new_tokens, batch_size=self.sample_batch_size, seed=seed, **warping)
 
     def train_sampling(self, stage: int = 0) -> SamplingArgs:
-        """The sampler of the samples the weak pair is made from (top_k `train_top_k`), seeded `seed + stage`
-        (0: the strong model's samples to distil, 1: the weak model's samples to pair)."""
+        """The sampler of the samples the training data is made of (top_k `train_top_k`), seeded `seed + stage`
+        (0: the strong model's samples, 1: the weak model's samples to pair in the former design)."""
         return self._sampling(self.seed + stage, top_k=self.train_top_k)
 
     def eval_sampling(self) -> SamplingArgs:

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 from wspo_lightning.demo.fits import weak_dpo_config
 from wspo_lightning.demo.prompts import split_by_title
-from wspo_lightning.demo.run import distil_weak_base, preference_pairs
-from wspo_lightning.io import read_jsonl, write_jsonl
+from wspo_lightning.demo.run import distil_weak_base, first_draws, preference_pairs
+from wspo_lightning.io import write_jsonl
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.fit import fit
 
@@ -59,7 +59,7 @@ def fluent_pairs(run: StudyRun) -> None:
         samples = run.data / "strong_train.jsonl"
         prompts_file = prompts(run.prompt_sets, "train")
         preference_pairs(
-            spec, prompts_file, samples, run.pairs, d.weak_samples, d.train_sampling(0), run.reward, run.force
+            spec, prompts_file, samples, run.pairs, d.preference_samples, d.train_sampling(0), run.reward, run.force
         )
 
 
@@ -68,13 +68,10 @@ def weak_pair(run: StudyRun) -> None:
     (drawn as the demo draws its distillation samples); the weak aligned model: its DPO on the preference dataset."""
     d = run.d
     weak_base, weak_aligned = run.weak_pair
-    distill_samples = run.data / "strong_train.distill.jsonl"
     with run.timer("weak base: distil"):
-        if not distill_samples.exists() or run.force:
-            first = [
-                r for r in read_jsonl(run.data / "strong_train.jsonl") if not r["sample"]
-            ]  # each prompt's first draw
-            write_jsonl(distill_samples, first)
+        distill_samples = first_draws(
+            run.data / "strong_train.jsonl", run.data / "strong_train.distill.jsonl", d.distill_prompts, run.force
+        )
         distil_weak_base(d, run.strong, distill_samples, weak_base, run.precision, run.runs / "distill", run.force)
     with run.timer("weak aligned: DPO"):
         _weak_dpo(run, run.pairs, weak_aligned, "weak_dpo")
@@ -89,7 +86,7 @@ def old_design(run: StudyRun) -> None:
         samples = run.data / "weak_train.jsonl"
         prompts_file = prompts(run.prompt_sets, "train")
         preference_pairs(
-            spec, prompts_file, samples, run.own_pairs, d.weak_samples, d.train_sampling(1), run.reward, run.force
+            spec, prompts_file, samples, run.own_pairs, d.preference_samples, d.train_sampling(1), run.reward, run.force
         )
     with run.timer("old design: weak DPO"):
         _weak_dpo(run, run.own_pairs, run.own_weak_pair[1], "weak_dpo_own")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from wspo_lightning.demo.fits import gamma_slug, strong_config, wspo_args
+from wspo_lightning.demo.fits import gamma_slug, set_length, strong_config, wspo_args
 from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.extrapolate import extrapolate
 from wspo_lightning.pipeline.fit import fit
@@ -117,12 +117,7 @@ def fit_config(run: StudyRun, point: Point) -> dict:
         init.pop("beta")
         init["loss"] = {"class_path": IPO, "init_args": {"beta": point.value}}
     elif method == "sft":
-        epochs = point.value * run.s.strong_epochs
-        trainer = config["trainer"]
-        if epochs < 1:  # that share of one epoch's batches; the schedule spans the steps taken
-            trainer["limit_train_batches"] = epochs
-        else:
-            trainer["max_epochs"] = int(epochs)
+        set_length(config["trainer"], point.value * run.s.strong_epochs)
     return config
 
 

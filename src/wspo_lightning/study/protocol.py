@@ -9,7 +9,8 @@ same rule serves every method:
 - ExPO (`choose_expo_alphas`): the alphas whose extrapolated model stays within `kl_cap` nats on the tuning
   prompts, the `expo_keep` of highest tuning reward (none within: the smallest alpha, so the axis is reported).
 - the demo's points (`choose_demo_points`): per training method, its sweep's point with the highest tuning gold
-  reward within `demo_kl_cap` nats (none within: the smallest KL).
+  reward within `demo_kl_cap` nats (none within: the smallest KL). `demo_record` keeps the summaries both rules
+  read, and `demo_defaults` applies the rules to them: the demo's defaults are derived, not copied.
 """
 
 from __future__ import annotations
@@ -66,3 +67,36 @@ def choose_demo_points(summaries: dict[str, list[dict]], cap: float) -> dict[str
     """Per training method, the sweep point the demo uses: `summaries` maps a method to its points' tuning
     summaries (with `value`); the chosen summary is returned whole."""
     return {method: best_within(points, cap) for method, points in summaries.items()}
+
+
+DEMO_METHODS = ("wspo", "dpo", "sft")
+"""The training methods the demo runs (its strong fits)."""
+
+
+def demo_record(
+    chosen_by: str, lr_kl_cap: float, lr_candidates: dict, demo_kl_cap: float, sweep_candidates: dict
+) -> dict:
+    """What the demo's defaults are chosen from: per demo method, its anchor's tuning summaries by learning rate
+    (`lr_candidates`) and its sweep's at the chosen rate (`sweep_candidates`), with the rules' caps."""
+    return {
+        "chosen_by": chosen_by,
+        "lr_kl_cap": lr_kl_cap,
+        "learning_rate_candidates": {m: lr_candidates[m] for m in DEMO_METHODS},
+        "demo_kl_cap": demo_kl_cap,
+        "sweep_candidates": {m: sweep_candidates[m] for m in DEMO_METHODS},
+    }
+
+
+def demo_defaults(record: dict) -> tuple[dict[str, dict], str]:
+    """The demo's strong fits from a `demo_record`, by the study's rules: per method, `{"value": its strength,
+    "lr": its learning rate}`; and where the record comes from.
+
+    >>> cands = lambda *rows: [{"value": v, "gold_reward_mean": r, "kl": k} for v, r, k in rows]
+    >>> lr = {m: cands((1e-5, 0.1, 1.0), (3e-5, 0.3, 3.0), (1e-4, 0.9, 9.0)) for m in DEMO_METHODS}
+    >>> sweep = {m: cands((0.5, 0.1, 1.0), (1.0, 0.2, 2.0), (2.0, 0.4, 6.0)) for m in DEMO_METHODS}
+    >>> demo_defaults(demo_record("example", 4.0, lr, 5.0, sweep))[0]["wspo"]
+    {'value': 1.0, 'lr': 3e-05}
+    """
+    lr = {m: choose_learning_rate(record["learning_rate_candidates"][m], record["lr_kl_cap"]) for m in DEMO_METHODS}
+    points = choose_demo_points({m: record["sweep_candidates"][m] for m in DEMO_METHODS}, record["demo_kl_cap"])
+    return {m: {"value": float(points[m]["value"]), "lr": lr[m]} for m in DEMO_METHODS}, record["chosen_by"]

@@ -112,8 +112,13 @@ def sweeps(run: StudyRun, lr: dict[str, float]) -> list[Point]:
     s = run.s
     grid = {m: [trained(m, v, lr[m]) for v in s.grid(m)] for m in TRAINED}
     rows = tuning_round(run, "tuning_sweeps", [p for points in grid.values() for p in points])
-    chosen = protocol.choose_demo_points({m: _summaries(rows, points) for m, points in grid.items()}, s.demo_kl_cap)
+    summaries = {m: _summaries(rows, points) for m, points in grid.items()}
+    chosen = protocol.choose_demo_points(summaries, s.demo_kl_cap)
     write_json(run.protocol / "demo.json", {"rule": protocol.RULES["demo"], "cap": s.demo_kl_cap, "chosen": chosen})
+    lr_candidates = json.loads((run.protocol / "learning_rate.json").read_text())["candidates"]
+    chosen_by = f"wspo study, seed {s.seed}, tuning prompts ({s.n_tuning_prompts}): {protocol.RULES['demo']}"
+    record = protocol.demo_record(chosen_by, s.lr_kl_cap, lr_candidates, s.demo_kl_cap, summaries)
+    write_json(run.protocol / "demo_settings.json", record)  # the demo's defaults: src/wspo_lightning/demo/chosen.json
     return [p for points in grid.values() for p in points]
 
 

@@ -147,7 +147,7 @@ class StudySettings:
             weak_layers=self.weak_layers,
             distill_epochs=self.distill_epochs,
             distill_learning_rate=self.distill_learning_rate,
-            weak_samples=self.preference_samples,
+            preference_samples=self.preference_samples,
             weak_dpo_epochs=self.weak_dpo_epochs,
             weak_dpo_learning_rate=self.weak_dpo_learning_rate,
             dpo_beta=self.weak_dpo_beta,
