@@ -270,6 +270,7 @@ def plot_frontier(
     `kl_bound`s (best-of-N's analytic bound; a CBS point given its budget-matched best-of-N bound). Points with
     no KL at all are listed in a note under the plot. Needs matplotlib (the `demo` extra)."""
     try:
+        from matplotlib import colormaps
         from matplotlib.figure import Figure
     except ImportError as err:
         raise InputError(
@@ -278,9 +279,10 @@ def plot_frontier(
 
     fig = Figure(figsize=(8, 5.5))
     ax = fig.add_subplot()
+    palette = colormaps["tab20"]
     unplaced = []
     for k, (method, points) in enumerate(points_by_method.items()):
-        color = f"C{k % 10}"
+        color = palette((2 * k) % 20 + (k // 10) % 2)  # tab20's dark shades, then its light ones: 20 apart
         placed = [p for p in points if point_kl(p) is not None]
         unplaced += [_label({**p, "method": method}) for p in points if point_kl(p) is None]
         if not placed:
