@@ -1,6 +1,6 @@
 """`wspo study` end to end on tiny random models (the demo tests' stand-ins), once per module: every output and
 field, four points per training method, prompt sets disjoint in titles, the test prompts read by the final
-evaluation alone, and a rerun that skips every finished stage. The rules of `study/protocol.py` are checked on
+evaluation alone, and a rerun that skips every finished stage. The rules of `wspo_lightning.protocol` are checked on
 worked numbers.
 
 The real study (SmolLM2-135M-Instruct, VADER) is the same chain with bigger settings, run by hand (`make study`).
@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from helpers import LetterReward
 
+from wspo_lightning import protocol
 from wspo_lightning.cli import main as wspo_main
 from wspo_lightning.demo.prompts import split_by_title, title
 from wspo_lightning.io import read_jsonl
 from wspo_lightning.pipeline.stage import RUNS
-from wspo_lightning.study import command, data, decode, protocol
+from wspo_lightning.study import command, data, decode
 from wspo_lightning.study.settings import PRESETS, TRAINED, StudySettings
 from wspo_lightning.tiny import build_tokenizer, write_tiny_model
 

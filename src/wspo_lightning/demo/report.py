@@ -112,15 +112,13 @@ def pairs_note(settings: dict) -> str:
     """Where the preference pairs come from, and what the weak aligned model learned on."""
     n, k = settings["preference_samples"], settings["train_top_k"]
     if settings["data_design"] == "fluent":
-        source = (
-            f"the strong base's own samples ({n} per training prompt, top-k {k}): no trained model wrote their text"
-        )
+        source = f"the strong base's own samples ({n} per training prompt, top-k {k}; no trained model wrote them)"
     else:
         source = f"the weak base's own samples ({n} per training prompt, top-k {k}; the former design)"
     return (
-        f"The preference pairs are {source}, best vs worst by the gold reward (ties dropped). The weak aligned model "
-        "is the weak base after this framework's DPO of all its parameters on them, and every strong fit trains on "
-        "them."
+        f"The preference pairs are best vs worst by the gold reward (ties dropped) among {source}. The weak aligned "
+        "model is the weak base after this framework's DPO of all its parameters on them, and every strong fit "
+        "trains on them."
     )
 
 

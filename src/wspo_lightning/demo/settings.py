@@ -14,7 +14,7 @@ from typing import Literal
 
 from wspo_lightning.decoding.args import SamplingArgs
 from wspo_lightning.errors import InputError
-from wspo_lightning.study.protocol import demo_defaults
+from wspo_lightning.protocol import demo_defaults
 
 CHOSEN_FILE = Path(__file__).with_name("chosen.json")
 """The study's tuning summaries the strong fits' defaults are chosen from (`wspo study` writes this file as

@@ -3,7 +3,7 @@
     prompt sets: train, tuning, test, no title or premise in two of them            (data.py)
     the strong base's own samples on the train prompts -> gold reward -> pairs      = the one preference dataset
     weak base (distilled, the demo's) -> its DPO on those pairs                     = the weak pair
-    tuning prompts: each training method at its anchor x every learning rate -> the rate (protocol.py)
+    tuning prompts: each training method at its anchor x every learning rate -> the rate (wspo_lightning.protocol)
                     each method's sweep at its rate -> the demo's points
                     ExPO of the WSPO and DPO anchors x alphas -> the alphas kept
     (option) the former design: pairs of the weak base's own samples, its own weak DPO, WSPO and DPO on them
@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from wspo_lightning import protocol
 from wspo_lightning.decoding.methods import METHODS
 from wspo_lightning.demo.run import VADER, open_run, resolve_precision
 from wspo_lightning.demo.strong import strong_model_dir
@@ -34,7 +35,7 @@ from wspo_lightning.models import ModelSpec
 from wspo_lightning.pipeline.evaluate import EvalRow, evaluate
 from wspo_lightning.pipeline.stage import say, write_json
 from wspo_lightning.rewards import Reward
-from wspo_lightning.study import data, decode, protocol, report
+from wspo_lightning.study import data, decode, report
 from wspo_lightning.study.budget import plan_text
 from wspo_lightning.study.points import BASE, Point, expo, sample_point, trained
 from wspo_lightning.study.seedrun import StudyRun

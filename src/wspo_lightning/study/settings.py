@@ -1,7 +1,7 @@
 """Sizes, grids and rules of the study: the full run and the `--quick` preset.
 
 Every grid and every rule is fixed here, before a run: the learning rate of each training method, the ExPO alphas
-and the points the demo uses are then chosen on the tuning prompts by the rules in `protocol.py`.
+and the points the demo uses are then chosen on the tuning prompts by the rules in `wspo_lightning.protocol`.
 """
 
 from __future__ import annotations
