@@ -188,11 +188,8 @@ def make_weak_pair(run: DemoRun) -> None:
     run.rows.sampled("weak base", weak_base, kl=False)
     if s.data_design == "weak_samples":
         with run.timer("pairs: weak samples, reward"):
-            spec, sampling, weak_samples = (
-                run.rows.spec(weak_base),
-                s.train_sampling(1),
-                run.samples / "weak_train.jsonl",
-            )
+            weak_samples = run.samples / "weak_train.jsonl"
+            spec, sampling = run.rows.spec(weak_base), s.train_sampling(1)
             preference_pairs(
                 spec, run.train_prompts, weak_samples, run.pairs, s.preference_samples, sampling, run.reward, run.force
             )

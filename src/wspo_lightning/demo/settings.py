@@ -14,7 +14,7 @@ from typing import Literal
 
 from wspo_lightning.decoding.args import SamplingArgs
 from wspo_lightning.errors import InputError
-from wspo_lightning.protocol import demo_defaults
+from wspo_lightning.protocol import DEMO_METHODS, demo_defaults
 
 CHOSEN_FILE = Path(__file__).with_name("chosen.json")
 """The study's tuning summaries the strong fits' defaults are chosen from (`wspo study` writes this file as
@@ -78,7 +78,7 @@ class DemoSettings:
     """Length of the SFT baseline in multiples of `strong_epochs` (below 1: that share of one epoch's batches).
     Default: the study's choice."""
     strong_learning_rates: dict[str, float] = field(
-        default_factory=lambda: {method: CHOSEN[method]["lr"] for method in ("wspo", "dpo", "sft")}
+        default_factory=lambda: {method: CHOSEN[method]["lr"] for method in DEMO_METHODS}
     )
     """Peak learning rate of each strong fit (`wspo`, the sign control too; `dpo`; `sft`), each under one schedule
     (warm-up 10%, then cosine decay, embeddings frozen). Default: the study's choices."""
@@ -129,7 +129,7 @@ class DemoSettings:
     prompts, never on the tuning ones."""
 
     def __post_init__(self) -> None:
-        missing = {"wspo", "dpo", "sft"} - set(self.strong_learning_rates)
+        missing = set(DEMO_METHODS) - set(self.strong_learning_rates)
         if missing:
             raise InputError(f"demo: strong_learning_rates needs a rate for {sorted(missing)}")
         if not self.gammas or self.sft_epochs <= 0 or (self.sft_epochs > 1 and self.sft_epochs != int(self.sft_epochs)):
